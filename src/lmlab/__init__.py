@@ -1,0 +1,1 @@
+"""lmlab: pretrain, fine-tune, decode and serve transformer language models."""

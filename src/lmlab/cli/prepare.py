@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from lmlab.data.prepare import prepare_dataset
+from lmlab.errors import ConfigError
+from lmlab.tokenizer import Tokenizer
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("sources", nargs="+", help="text files, folders, globs or JSONL files")
+    parser.add_argument("--out", required=True, help="dataset directory to write")
+    parser.add_argument("--tokenizer", default="bpe",
+                        help="'bpe' (train byte-level BPE), 'char', or a tokenizer/model directory")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
+    parser.add_argument("--val", nargs="*", default=None, help="validation sources (else a split)")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--split", choices=["auto", "document", "tail"], default="auto")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+
+
+def run(args) -> int:
+    from lmlab.data.sources import iter_documents
+
+    if args.tokenizer == "bpe":
+        if args.vocab_size < 257:
+            raise ConfigError(f"--vocab-size must be at least 257, got {args.vocab_size}")
+        texts = (d.text for d in iter_documents(args.sources, text_field=args.text_field))
+        tokenizer = Tokenizer.train_bpe(iterator=texts, vocab_size=args.vocab_size)
+    elif args.tokenizer == "char":
+        text = "".join(d.text for d in iter_documents(args.sources, text_field=args.text_field))
+        tokenizer = Tokenizer.char_level(text)
+    else:
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    info = prepare_dataset(
+        args.sources, tokenizer=tokenizer, out_dir=args.out, val_sources=args.val,
+        val_fraction=args.val_fraction, split=args.split, text_field=args.text_field,
+        progress=True,
+    )
+    for name, split in info.splits.items():
+        print(f"{name}: {split.tokens:,} tokens in {split.documents:,} documents")
+    print(f"dataset written to {args.out} (split: {info.split}, vocab {info.vocab_size})")
+    return 0

@@ -1,0 +1,113 @@
+"""`lmlab demo`: the whole life of a small GPT on a corpus every Python install has — its own
+standard library — within a time budget: BPE tokenizer, data preparation, pretraining with
+evaluation, a Hugging Face-layout checkpoint, a loss curve, and continuations of code prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmlab.data.prepare import prepare_dataset
+from lmlab.errors import ConfigError, DataError
+from lmlab.generation import generate
+from lmlab.models import from_pretrained
+from lmlab.tokenizer import Tokenizer
+from lmlab.training.pretrain import PretrainConfig, PretrainResult, pretrain
+
+PROMPTS = ("def fibonacci(n):\n", "class Stack:\n", "import os\n\n\ndef read_config(path):\n")
+VAL_FRACTION = 0.05
+# Test suites are skipped: they are large and repetitive, and the library code is what we want
+# the model to imitate.
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+MARKER = "demo.json"
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        f for f in root.rglob("*.py")
+        if not SKIP_DIRS.intersection(f.relative_to(root).parts[:-1]) and f.is_file()
+    )
+    if not files:
+        raise DataError(f"{root}: no .py files found in the standard library directory")
+    return root, files
+
+
+def is_validation(relative: str) -> bool:
+    """By file, from a hash of the path relative to the stdlib: the same split everywhere."""
+    digest = hashlib.sha256(relative.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < VAL_FRACTION
+
+
+def demo_config(*, data: str, minutes: float | None, steps: int | None) -> PretrainConfig:
+    return PretrainConfig(
+        data=data, n_layer=4, n_head=4, n_embd=256, block_size=128, batch_size=16,
+        max_steps=steps or 100_000, lr=2e-3, min_lr=2e-4, warmup_steps=50, weight_decay=0.1,
+        beta2=0.99, eval_every=0, eval_tokens=100_000, save_every=0, keep_last=1,
+        max_minutes=None if steps else minutes, tensorboard=True,
+    )
+
+
+@dataclass
+class Continuation:
+    prompt: str
+    greedy: str
+    sampled: str
+
+
+@dataclass
+class DemoResult:
+    pretrain: PretrainResult
+    continuations: list[Continuation]
+    seconds: float
+    train_files: int
+    val_files: int
+
+
+def run_demo(*, out: str | Path, minutes: float = 5.0, steps: int | None = None,
+             progress: bool = True, vocab_size: int = 4096) -> DemoResult:
+    if minutes <= 0:
+        raise ConfigError(f"--minutes must be > 0, got {minutes}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists():
+        if not (out / MARKER).is_file():
+            raise ConfigError(f"--out {out}: exists and is not an lmlab demo run; choose another")
+        shutil.rmtree(out)  # a previous demo: start afresh
+    out.mkdir(parents=True)
+    (out / MARKER).write_text('{"corpus": "python stdlib"}\n')
+
+    root, files = stdlib_files()
+    val = [f for f in files if is_validation(f.relative_to(root).as_posix())]
+    train = [f for f in files if not is_validation(f.relative_to(root).as_posix())]
+    tokenizer = Tokenizer.train_bpe(train, vocab_size=vocab_size)
+    data_dir = out / "data"
+    prepare_dataset(train, tokenizer=tokenizer, out_dir=data_dir, val_sources=val)
+
+    # Leave ~5% of the budget (at least 10 s) for the final evaluation, saving and decoding.
+    remaining = minutes - (time.perf_counter() - t0) / 60
+    train_minutes = max(0.1, remaining - max(10 / 60, 0.05 * minutes))
+    cfg = demo_config(data=str(data_dir), minutes=train_minutes, steps=steps)
+    result = pretrain(cfg, run_dir=out, progress=progress)
+
+    model = from_pretrained(out)
+    tokenizer = Tokenizer.from_pretrained(out)
+    continuations = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        greedy = generate(model, ids, max_new_tokens=64, eos_token_id=[])
+        sampled = generate(model, ids, max_new_tokens=64, do_sample=True, top_p=0.9,
+                           temperature=0.8, seed=0, eos_token_id=[])
+        continuations.append(Continuation(
+            prompt=prompt,
+            greedy=tokenizer.decode(greedy[0, ids.shape[1]:].tolist()),
+            sampled=tokenizer.decode(sampled[0, ids.shape[1]:].tolist()),
+        ))
+    return DemoResult(pretrain=result, continuations=continuations,
+                      seconds=time.perf_counter() - t0, train_files=len(train), val_files=len(val))

@@ -1,0 +1,235 @@
+"""GPT: a decoder-only transformer, as in GPT-2 — config, layers, model, read top to bottom.
+
+Module names equal the Hugging Face GPT-2 checkpoint names (wte, wpe, h.N.attn.c_attn, …), so the
+conversion in `models/hf.py` is a prefix plus a transpose list. The model only computes logits
+(or hidden states); losses live in `lmlab.tasks`, decoding in `lmlab.generation`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lmlab.errors import ConfigError
+from lmlab.models.kv_cache import KVCache
+from lmlab.models.layers import ACTIVATIONS, attention, padded_causal_mask
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024  # context window (block size)
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # feed-forward width; None means 4 * n_embd
+    activation: str = "gelu_new"  # GPT-2's tanh-GELU; "relu" as in the original Transformer
+    embd_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        for name in ("embd_dropout", "resid_dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = config.attn_dropout
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x, *, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
+        B, T, C = x.shape
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, S, hs): everything up to this step
+        # A single query attending to the whole cache needs no mask; a multi-token step on top
+        # of a filled cache needs an explicit one, because SDPA's is_causal aligns top-left.
+        is_causal = mask is None and T > 1
+        if is_causal and cache is not None and k.shape[2] != T:
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(
+                k.shape[2] - T
+            )
+        dropout = self.attn_dropout if self.training else 0.0
+        y = attention(q, k, v, mask=mask, is_causal=is_causal, dropout=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh·hs)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.act = ACTIVATIONS[config.activation]
+        self.dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, *, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
+        x = x + self.attn(self.ln_1(x), layer=layer, cache=cache, mask=mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+            # GPT-2: scale the residual projections by 1/sqrt(2·n_layer) so the residual
+            # stream's variance does not grow with depth.
+            std = config.initializer_range / math.sqrt(2 * config.n_layer)
+            for block in self.h:
+                nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=std)
+                nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # -- forward -------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final (layer-normed) hidden states (B, T, n_embd).
+
+        `attention_mask` (B, S) marks real tokens with 1 and (left) padding with 0 over every
+        position so far, cached ones included; positions then default to counting real tokens
+        only, as transformers does for left-padded batches.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if attention_mask is not None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+            else:
+                positions = torch.arange(start, start + T, device=input_ids.device)[None]
+        if int(positions.max()) >= self.config.n_positions:
+            raise ValueError(
+                f"sequence needs position {int(positions.max())}, but the model's context "
+                f"window (n_positions) is {self.config.n_positions}"
+            )
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = padded_causal_mask(attention_mask, T)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        for i, block in enumerate(self.h):
+            x = block(x, layer=i, cache=cache, mask=mask)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size)."""
+        hidden = self.hidden_states(
+            input_ids, positions=positions, cache=cache, attention_mask=attention_mask
+        )
+        return self.lm_head(hidden)
+
+    # -- decoding support ----------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        param = self.wte.weight
+        return KVCache(
+            n_layer=self.config.n_layer,
+            batch_size=batch_size,
+            n_head=self.config.n_head,
+            head_dim=self.config.head_dim,
+            max_len=max_len or self.config.n_positions,
+            dtype=param.dtype,
+            device=param.device,
+        )
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Prompt + new tokens, like transformers' generate; see lmlab.generation.generate."""
+        from lmlab.generation import generate  # generation builds on models, not the reverse
+
+        return generate(self, input_ids, **kwargs)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_pretrained(self, directory, *, tokenizer=None) -> None:
+        """Write config.json + model.safetensors in the Hugging Face GPT-2 layout."""
+        from lmlab.models.hf import save_pretrained
+
+        save_pretrained(self, directory, tokenizer=tokenizer)
+
+    def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6·N for the matmuls plus attention scores (PaLM appendix B)."""
+        c = self.config
+        matmul_params = self.num_parameters() - self.wpe.weight.numel()
+        if not c.tie_word_embeddings:
+            matmul_params -= self.wte.weight.numel()  # the input embedding is a lookup
+        return 6 * matmul_params + 6 * c.n_layer * c.n_embd * seq_len
+

@@ -1,0 +1,259 @@
+"""Hugging Face checkpoint interop as data: per family a config table and a key-map table.
+
+A checkpoint directory holds `config.json` (the only source of truth about the model) and
+`model.safetensors` (or a sharded index, or a legacy `pytorch_model.bin`, read with
+`weights_only=True` so that no pickled code ever runs). lmlab saves exactly this layout, so an
+lmlab checkpoint *is* a Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lmlab.errors import CheckpointError
+from lmlab.models.gpt import GPT, GPTConfig
+
+# -- GPT-2 tables ------------------------------------------------------------------------------
+# HF config key -> GPTConfig field.
+GPT2_CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "n_positions": "n_positions",
+    "n_embd": "n_embd",
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "n_inner": "n_inner",
+    "activation_function": "activation",
+    "embd_pdrop": "embd_dropout",
+    "resid_pdrop": "resid_dropout",
+    "attn_pdrop": "attn_dropout",
+    "layer_norm_epsilon": "layer_norm_epsilon",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "initializer_range": "initializer_range",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+}
+# Options whose other values change the computation and that lmlab does not implement.
+GPT2_REQUIRED_VALUES = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+}
+# Keys that do not change the forward pass in fp32 (heads of other GPT-2 classes, bookkeeping).
+# reorder_and_upcast_attn only changes the precision of fp16 attention.
+HF_IGNORED_KEYS = {
+    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache",
+    "n_ctx", "summary_activation", "summary_first_dropout", "summary_proj_to_labels",
+    "summary_type", "summary_use_proj", "task_specific_params", "_name_or_path",
+    "reorder_and_upcast_attn", "return_dict", "output_hidden_states", "output_attentions",
+    "id2label", "label2id", "problem_type", "tokenizer_class", "prefix", "chunk_size_feed_forward",
+    "is_encoder_decoder", "is_decoder", "sep_token_id", "decoder_start_token_id",
+    "finetuning_task", "gradient_checkpointing",
+}
+# Our parameter name -> HF parameter name is a prefix; these weights are Conv1D in HF, stored
+# (in, out), where nn.Linear stores (out, in).
+GPT2_PREFIX = "transformer."
+GPT2_TRANSPOSED = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+# Buffers that old HF GPT-2 checkpoints carry (the causal mask); recomputed, never loaded.
+GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def gpt2_config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
+    values = {}
+    for key, value in hf.items():
+        if key in GPT2_CONFIG_KEYS:
+            values[GPT2_CONFIG_KEYS[key]] = value
+        elif key in GPT2_REQUIRED_VALUES:
+            if value != GPT2_REQUIRED_VALUES[key]:
+                raise CheckpointError(
+                    f"{where}: '{key}': {json.dumps(value)} is not supported by lmlab "
+                    f"(only {json.dumps(GPT2_REQUIRED_VALUES[key])})"
+                )
+        elif key not in HF_IGNORED_KEYS:
+            raise CheckpointError(f"{where}: config option '{key}' is not supported by lmlab")
+    if values.get("activation", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu"):
+        raise CheckpointError(
+            f"{where}: activation_function {values['activation']!r} is not supported "
+            "(expected gelu_new, gelu_pytorch_tanh, gelu or relu)"
+        )
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(values.get(name), list):  # a list of EOS ids: the first is the main one
+            values[name] = values[name][0] if values[name] else None
+    try:
+        return GPTConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: {err}") from None
+
+
+def gpt2_config_to_hf(config: GPTConfig) -> dict[str, Any]:
+    hf = {hf_key: getattr(config, ours) for hf_key, ours in GPT2_CONFIG_KEYS.items()}
+    hf.update(GPT2_REQUIRED_VALUES)
+    hf.update(architectures=["GPT2LMHeadModel"], model_type="gpt2", dtype="float32")
+    return hf
+
+
+def gpt2_state_dict_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            if config.tie_word_embeddings:
+                continue  # shared with wte; HF re-ties it on load
+            out[name] = tensor
+            continue
+        if name.endswith(GPT2_TRANSPOSED):
+            tensor = tensor.t()
+        out[GPT2_PREFIX + name] = tensor.contiguous()
+    return out
+
+
+def gpt2_state_dict_from_hf(hf_state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in hf_state.items():
+        if name.endswith(GPT2_BUFFERS):
+            continue
+        ours = name[len(GPT2_PREFIX):] if name.startswith(GPT2_PREFIX) else name
+        if ours.endswith(GPT2_TRANSPOSED):
+            tensor = tensor.t()
+        out[ours] = tensor
+    return out
+
+
+# -- reading and writing directories -----------------------------------------------------------
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory; expected a model directory with config.json")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory}: no config.json; expected a model directory "
+            "(config.json + model.safetensors, as written by save_pretrained)"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    legacy = directory / "pytorch_model.bin"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    elif legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 — any unpickling failure means a bad file
+            raise CheckpointError(f"{legacy}: cannot be read safely ({err})") from None
+    else:
+        raise CheckpointError(
+            f"{directory}: no model.safetensors (or pytorch_model.bin) beside config.json"
+        )
+    state = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, dtype) -> None:
+    """Strict load with shape checks and errors naming the offending keys."""
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing weights {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected weights {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"{where}: " + "; ".join(parts))
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{where}: weight '{key}' has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(expected[key].shape)}"
+            )
+        state[key] = tensor.to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.wte.weight
+
+
+def load_gpt(directory: Path, config_dict: dict[str, Any], *, dtype, device) -> GPT:
+    config = gpt2_config_from_hf(config_dict, str(directory / "config.json"))
+    with torch.device("meta"):
+        model = GPT(config)  # no memory, no init: the checkpoint fills every weight
+    state = gpt2_state_dict_from_hf(read_state_dict(directory), str(directory))
+    load_into(model, state, str(directory), dtype)
+    return model.to(device).eval()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model: GPT, directory, *, tokenizer=None) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    hf_state = gpt2_state_dict_to_hf(state, model.config)
+    # Weights first, config last: a directory whose config.json exists is a complete checkpoint.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.safetensors.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(hf_state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, directory / "model.safetensors")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    config = json.dumps(gpt2_config_to_hf(model.config), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(directory / "config.json", config.encode())
+
+
+LOADERS = {"gpt2": load_gpt}
+
+
+def from_pretrained(path, *, dtype: torch.dtype = torch.float32, device=None) -> torch.nn.Module:
+    """Load a model from a Hugging Face-layout directory (any family lmlab implements)."""
+    directory = Path(path)
+    config = read_config(directory)
+    model_type = config.get("model_type")
+    if model_type not in LOADERS:
+        raise CheckpointError(
+            f"{directory / 'config.json'}: model_type {model_type!r} is not supported "
+            f"(lmlab loads: {', '.join(sorted(LOADERS))})"
+        )
+    return LOADERS[model_type](directory, config, dtype=dtype, device=device or "cpu")

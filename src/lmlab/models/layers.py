@@ -1,0 +1,49 @@
+"""Small stateless pieces shared by the model families: activations and attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# GPT-2 uses the tanh approximation of GELU ("gelu_new"); BERT the exact one; the original
+# Transformer ReLU. F.gelu(approximate="tanh") is one fused kernel, where transformers'
+# NewGELUActivation is a chain of five element-wise ops.
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Scaled dot-product attention on (B, nh, T, hs) tensors.
+
+    `mask` is a boolean (B, 1, T, S) tensor, True where a query may attend. When it is None and
+    `is_causal` is set, SDPA builds the causal mask itself and can use its flash kernel.
+    """
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout
+    )
+
+
+def padded_causal_mask(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+    """Boolean (B, 1, Tq, S) mask for the last `query_len` of S positions, given a (B, S) 0/1
+    padding mask: a query attends to earlier non-pad keys, and a pad query to itself only, so
+    that its softmax never sees an empty row (its output is never used)."""
+    batch, total = attention_mask.shape
+    device = attention_mask.device
+    key_pos = torch.arange(total, device=device)
+    query_pos = torch.arange(total - query_len, total, device=device)
+    causal = key_pos[None, :] <= query_pos[:, None]  # (Tq, S)
+    keep = causal[None] & attention_mask[:, None, :].bool()  # (B, Tq, S)
+    keep = keep | (key_pos[None, None, :] == query_pos[None, :, None])
+    return keep[:, None]

@@ -1,0 +1,88 @@
+"""Causal language modelling: predict every next token of random windows of the token stream."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmlab.data.dataset import iter_eval_batches, sample_batch
+
+
+class CausalLMTask:
+    def __init__(
+        self,
+        *,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray | None,
+        block_size: int,
+        batch_size: int,
+        grad_accum: int = 1,
+        seed: int,
+        device: torch.device,
+        eval_tokens: int | None = None,
+        eval_batch_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.block_size, self.batch_size, self.grad_accum = block_size, batch_size, grad_accum
+        self.seed, self.device = seed, device
+        self.eval_tokens = eval_tokens
+        self.eval_batch_size = eval_batch_size or max(batch_size, 32)
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.block_size * self.world_size
+
+    def train_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the global batch of `step` — a pure function of
+        (seed, step), which is what makes resumed runs draw exactly the same data."""
+        x, y = sample_batch(
+            self.train_tokens,
+            batch_size=self.batch_size * self.grad_accum,
+            block_size=self.block_size,
+            seed=self.seed,
+            step=step,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return [
+            {"input_ids": xi, "labels": yi}
+            for xi, yi in zip(x.split(self.batch_size), y.split(self.batch_size))
+        ]
+
+    def num_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["labels"].numel()
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropy over every target token (the loop normalises)."""
+        logits = model(batch["input_ids"])
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            batch["labels"].reshape(-1),
+            reduction="sum",
+        )
+
+    @torch.inference_mode()
+    def evaluate(self, model) -> dict[str, float]:
+        """Loss and perplexity over the whole validation split in non-overlapping windows
+        (deterministic: the same number every time, unlike a few random batches)."""
+        if self.val_tokens is None:
+            return {}
+        total, count = 0.0, 0
+        for x, y in iter_eval_batches(
+            self.val_tokens,
+            batch_size=self.eval_batch_size,
+            block_size=self.block_size,
+            max_tokens=self.eval_tokens,
+        ):
+            x, y = x.to(self.device), y.to(self.device)
+            total += float(self.loss(model, {"input_ids": x, "labels": y}))
+            count += y.numel()
+        loss = total / max(count, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

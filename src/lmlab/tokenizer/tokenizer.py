@@ -1,0 +1,429 @@
+"""A thin wrapper over a `tokenizers.Tokenizer` that also knows its special tokens.
+
+The `tokenizers` library does the real work (training, encoding, the `tokenizer.json` format);
+this module only picks GPT-2's byte-level BPE settings, builds a char-level vocabulary for
+char-LM experiments, reads and writes the Hugging Face files, and turns the library's bare
+exceptions into `lmlab.errors` that name the input at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as Backend
+
+from lmlab.errors import CheckpointError, ConfigError, DataError
+
+END_OF_TEXT = "<|endoftext|>"
+_ROLES = ("bos", "eos", "pad", "unk")
+# Oniguruma's "." does not match "\n", so "\n\n" would become one (unknown) piece.
+_ANY_CHAR = Regex(r"[\s\S]")
+# transformers writes this VERY_LARGE_INTEGER to mean "no known maximum length".
+_NO_MAX_LENGTH = int(1e30)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus its bos/eos/pad/unk tokens and optional `model_max_length`."""
+
+    def __init__(self, backend: Backend, *, bos_token: str | None = None,
+                 eos_token: str | None = None, pad_token: str | None = None,
+                 unk_token: str | None = None, model_max_length: int | None = None) -> None:
+        self._backend = backend
+        self._special = {"bos": bos_token, "eos": eos_token, "pad": pad_token, "unk": unk_token}
+        for role, token in self._special.items():
+            if token is not None and backend.token_to_id(token) is None:
+                raise ConfigError(f"{role}_token {token!r} is not in the vocabulary")
+        self.model_max_length = model_max_length
+
+    @classmethod
+    def train_bpe(cls, files: Sequence[str | Path] | None = None, *,
+                  iterator: Iterable[str] | None = None, vocab_size: int, min_frequency: int = 2,
+                  special_tokens: Sequence[str] = (END_OF_TEXT,), pad_token: str | None = None,
+                  show_progress: bool = False) -> Tokenizer:
+        """Train byte-level BPE exactly as GPT-2 was built, on text files or an iterator of strings.
+
+        `<|endoftext|>` (else the first special token) serves as bos and eos, and as pad unless
+        `pad_token` is given.
+        """
+        paths = _training_files(files, iterator)
+        specials, roles = _specials(special_tokens, pad_token)
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        smallest = len(alphabet) + len(specials)
+        if not isinstance(vocab_size, int) or vocab_size < smallest:
+            raise ConfigError(f"vocab_size must be an int of at least {smallest} ({len(alphabet)}"
+                              f" byte tokens + {len(specials)} special tokens), got {vocab_size!r}")
+        if not isinstance(min_frequency, int) or min_frequency < 1:
+            raise ConfigError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+        backend = _byte_level(Backend(models.BPE()))
+        # Seeding the trainer with all 256 byte symbols makes every byte encodable, whatever the
+        # training text.
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=specials, initial_alphabet=alphabet,
+                                      show_progress=show_progress)
+        try:
+            if paths is not None:
+                backend.train([str(p) for p in paths], trainer=trainer)
+            else:
+                backend.train_from_iterator(iterator, trainer=trainer)
+        except Exception as error:  # tokenizers raises a bare Exception, e.g. for non-UTF-8 input
+            source = ", ".join(map(str, paths)) if paths is not None else "iterator"
+            raise DataError(f"{source}: cannot train BPE: {error}") from error
+        return cls(backend, **roles)
+
+    @classmethod
+    def char_level(cls, text: str | None = None, *, files: Sequence[str | Path] | None = None,
+                   special_tokens: Sequence[str] = (END_OF_TEXT,),
+                   pad_token: str | None = None) -> Tokenizer:
+        """One token per character of the training text.
+
+        Ids are deterministic: special tokens first, then the characters sorted by code point.
+        """
+        if (text is None) == (files is None):
+            raise ConfigError("char_level needs exactly one of text= or files=")
+        if files is not None:
+            text = "".join(_read_text(p) for p in _training_files(files, None) or ())
+        if not isinstance(text, str) or not text:
+            raise DataError("char_level needs non-empty training text")
+        specials, roles = _specials(special_tokens, pad_token)
+        chars = sorted(set(text) - set(specials))
+        vocab = {token: i for i, token in enumerate([*specials, *chars])}
+        # Without an unk token WordLevel fails on unseen characters, which encode() reports as a
+        # DataError instead of silently mapping them to an unknown id.
+        backend = Backend(models.WordLevel(vocab, unk_token=None))
+        backend.pre_tokenizer = pre_tokenizers.Split(_ANY_CHAR, "isolated")
+        backend.decoder = decoders.Fuse()  # join characters without spaces
+        backend.add_special_tokens([_special(t) for t in specials])
+        return cls(backend, **roles)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer.json file, or a directory with tokenizer.json (else GPT-2's vocab.json
+        + merges.txt) and optionally tokenizer_config.json / special_tokens_map.json."""
+        path = Path(path)
+        if path.is_file():
+            directory, backend = path.parent, _load_tokenizer_json(path)
+        elif path.is_dir():
+            directory, backend = path, _load_directory(path)
+        else:
+            raise CheckpointError(f"{path}: no such file or directory; expected a tokenizer"
+                                  " directory or a tokenizer.json file")
+        config = _read_json(directory / "tokenizer_config.json")
+        roles = _read_roles({**_read_json(directory / "special_tokens_map.json"), **config},
+                            backend, directory)
+        # As transformers does, make the named tokens special: matched whole in the input text.
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        missing = sorted({t for t in roles.values() if t is not None} - added)
+        backend.add_special_tokens([_special(t) for t in missing])
+        max_length = config.get("model_max_length")
+        if max_length is not None and (not isinstance(max_length, (int, float)) or max_length < 1):
+            raise CheckpointError(f"{directory / 'tokenizer_config.json'}: model_max_length must"
+                                  f" be a positive int, got {max_length!r}")
+        if max_length is not None:
+            max_length = None if max_length >= _NO_MAX_LENGTH else int(max_length)
+        return cls(backend, **roles, model_max_length=max_length)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json, loadable by
+        transformers' AutoTokenizer; each file is written atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        special = {f"{role}_token": token for role, token in self._special.items()}
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+                                  # transformers must not "clean up" spaces before punctuation.
+                                  "clean_up_tokenization_spaces": False}
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        present = {key: token for key, token in special.items() if token is not None}
+        _write_atomic(directory / "tokenizer.json", self._backend.to_str(pretty=True))
+        _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2))
+        _write_atomic(directory / "special_tokens_map.json", json.dumps(present, indent=2))
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` runs the post-processor (GPT-2's adds
+        nothing)."""
+        return self._encode([text], add_special_tokens, parallel=False)[0]
+
+    def encode_batch(self, texts: Sequence[str], *,
+                     add_special_tokens: bool = False) -> list[list[int]]:
+        """Token ids of each text, encoded in parallel by tokenizers' thread pool."""
+        return self._encode(texts, add_special_tokens, parallel=True)
+
+    def _encode(self, texts: Sequence[str], add_special_tokens: bool, *,
+                parallel: bool) -> list[list[int]]:
+        if isinstance(texts, str):
+            raise TypeError("encode_batch takes a list of str; use encode() for one str")
+        if not all(isinstance(text, str) for text in texts):
+            bad = next(text for text in texts if not isinstance(text, str))
+            raise TypeError(f"can only encode str, got {type(bad).__name__}")
+        try:
+            if parallel:
+                encodings = self._backend.encode_batch(list(texts),
+                                                       add_special_tokens=add_special_tokens)
+            else:
+                encodings = [self._backend.encode(t, add_special_tokens=add_special_tokens)
+                             for t in texts]
+        except Exception as error:  # tokenizers raises a bare Exception
+            raise self._encode_error(texts, error) from error
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return self._backend.decode(self._checked_ids(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], *,
+                     skip_special_tokens: bool = False) -> list[str]:
+        return self._backend.decode_batch([self._checked_ids(ids) for ids in batch],
+                                          skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    def _checked_ids(self, ids: Sequence[int]) -> list[int]:
+        # tokenizers silently drops unknown ids; a wrong id is a bug upstream that should surface.
+        ids, size = [int(i) for i in ids], self.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= size):
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise DataError(f"token id {bad} is out of range for a vocabulary of {size}")
+        return ids
+
+    def _encode_error(self, texts: Sequence[str], error: Exception) -> DataError:
+        if self.kind == "char":
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+            added = [t.content for t in self._backend.get_added_tokens_decoder().values()]
+            for text in texts:
+                for token in added:  # matched whole, so their own characters may be unseen
+                    text = text.replace(token, "")
+                unknown = next((ch for ch in text if ch not in vocab), None)
+                if unknown is not None:
+                    return DataError(f"character {unknown!r} (U+{ord(unknown):04X}) is not in the"
+                                     f" char-level vocabulary of {self.vocab_size} tokens; build"
+                                     " the tokenizer from text that contains it")
+        return DataError(f"cannot encode text with this {self.kind} tokenizer: {error}")
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._backend.id_to_token(token_id)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._special["bos"]
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._special["eos"]
+
+    @property
+    def pad_token(self) -> str | None:
+        return self._special["pad"]
+
+    @property
+    def unk_token(self) -> str | None:
+        return self._special["unk"]
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None if self.pad_token is None else self.token_to_id(self.pad_token)
+
+    @property
+    def kind(self) -> str:
+        """"bpe", "char" (WordLevel joined by Fuse, as `char_level` builds it) or the model type."""
+        model = type(self._backend.model).__name__
+        if model == "WordLevel" and type(self._backend.decoder).__name__ == "Fuse":
+            return "char"
+        return model.lower()
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical tokenizer JSON: equal for identical tokenizers, different
+        otherwise (e.g. to check that a dataset was tokenized by a model's tokenizer)."""
+        spec = json.loads(self._backend.to_str())
+        canonical = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size},"
+                f" eos_token={self.eos_token!r}, pad_token={self.pad_token!r})")
+
+
+class StreamDecoder:
+    """Turns token ids into text one id at a time, never emitting half a character.
+
+    Byte-level BPE can split one character's UTF-8 bytes across tokens, and some decoders depend
+    on context (e.g. strip a leading space), so each id cannot be decoded alone. As
+    text-generation-inference does, we decode the window of ids since the last emission point and
+    emit only what extends the text already emitted, holding back text that ends in U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []  # the window: ids since the emission point before last
+        self._read = 0  # ids[:read] have been emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text (possibly "")."""
+        self._ids.append(int(token_id))
+        emitted, text = self._decode(self._ids[: self._read]), self._decode(self._ids)
+        if len(text) <= len(emitted) or text.endswith("\ufffd"):
+            return ""
+        # The ids just emitted stay in the window as context for the next one.
+        self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        return text[len(emitted):]
+
+    def flush(self) -> str:
+        """Return whatever is held back (even an incomplete character) and start over."""
+        emitted, text = self._decode(self._ids[: self._read]), self._decode(self._ids)
+        self._ids, self._read = [], 0
+        return text[len(emitted):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+
+def _byte_level(backend: Backend) -> Backend:
+    """GPT-2's pipeline: bytes mapped to printable characters, no prefix space, offsets kept."""
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return backend
+
+
+def _specials(special_tokens: Sequence[str],
+              pad_token: str | None) -> tuple[list[str], dict[str, str | None]]:
+    """The special tokens to add, and their roles: as in GPT-2, one end-of-text token serves as
+    bos and eos, and as pad unless a pad token is given."""
+    specials = [special_tokens] if isinstance(special_tokens, str) else list(special_tokens)
+    if pad_token is not None and pad_token not in specials:
+        specials.append(pad_token)
+    if not all(isinstance(t, str) and t for t in specials) or len(set(specials)) < len(specials):
+        raise ConfigError(f"special_tokens must be distinct non-empty strings, got {specials!r}")
+    end = END_OF_TEXT if END_OF_TEXT in specials else (specials[0] if specials else None)
+    return specials, {"bos_token": end, "eos_token": end, "pad_token": pad_token or end}
+
+
+def _training_files(files: Sequence[str | Path] | str | Path | None,
+                    iterator: Iterable[str] | None) -> list[Path] | None:
+    if (files is None) == (iterator is None):
+        raise ConfigError("training needs exactly one of files= or iterator=")
+    if files is None:
+        return None
+    paths = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
+    if not paths:
+        raise ConfigError("files= is empty; pass at least one training text file")
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path}: training file not found")
+    return paths
+
+
+def _special(token: str) -> AddedToken:
+    # Not normalized: a special token is matched in the raw text, as transformers does.
+    return AddedToken(token, special=True, normalized=False)
+
+
+def _read_text(path: Path) -> str:
+    try:  # bytes, not read_text(): universal newlines would turn "\r\n" into "\n"
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from error
+
+
+def _load_tokenizer_json(path: Path) -> Backend:
+    try:
+        return Backend.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception for malformed files
+        raise CheckpointError(f"{path}: not a valid tokenizer.json ({error})") from error
+
+
+def _load_directory(directory: Path) -> Backend:
+    if (directory / "tokenizer.json").is_file():
+        return _load_tokenizer_json(directory / "tokenizer.json")
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    if not vocab.is_file() and not merges.is_file():
+        raise CheckpointError(f"{directory}: no tokenizer found; expected tokenizer.json, or"
+                              " GPT-2's vocab.json + merges.txt")
+    for required in (vocab, merges):
+        if not required.is_file():
+            raise CheckpointError(f"{required}: not found; GPT-2 tokenizers need vocab.json +"
+                                  " merges.txt")
+    try:  # BPE's defaults are the settings transformers' GPT2TokenizerFast uses for these files
+        return _byte_level(Backend(models.BPE.from_file(str(vocab), str(merges))))
+    except Exception as error:
+        raise CheckpointError(f"{directory}: cannot read vocab.json + merges.txt"
+                              f" ({error})") from error
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_roles(config: dict[str, Any], backend: Backend,
+                directory: Path) -> dict[str, str | None]:
+    """`{role}_token` from the configs (a string, null or an AddedToken dict); a role they do not
+    name defaults, as for GPT-2's bare files, to <|endoftext|> when it is in the vocabulary."""
+    roles: dict[str, str | None] = {}
+    for role in _ROLES:
+        key = f"{role}_token"
+        value = config.get(key)
+        if key not in config:
+            in_vocab = backend.token_to_id(END_OF_TEXT) is not None
+            value = END_OF_TEXT if in_vocab and role != "unk" else None
+        elif isinstance(value, dict) and isinstance(value.get("content"), str):
+            value = value["content"]
+        elif value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{directory}: {key} must be a string or a {{'content': ...}}"
+                                  f" object, got {value!r}")
+        roles[key] = value
+    return roles
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Write a temporary file beside the target and rename it, so a crash never leaves a
+    # half-written file that a later run would trust.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; tokenizer files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,194 @@
+"""`lmlab pretrain`: data → tokenizer → GPT → the training loop → a Hugging Face-layout model.
+
+The final model lands in RUN_DIR itself (config.json, model.safetensors, tokenizer files), so
+`lmlab.from_pretrained(RUN_DIR)` loads it; RUN_DIR also holds the resolved config
+(`train_config.yaml`), `metrics.jsonl`, TensorBoard logs, `loss.png` and `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lmlab.config import dump_yaml
+from lmlab.data.dataset import META_FILE, TokenDataset
+from lmlab.data.prepare import prepare_dataset
+from lmlab.data.sources import iter_documents
+from lmlab.errors import ConfigError, DataError
+from lmlab.models.gpt import GPT, GPTConfig
+from lmlab.models.hf import atomic_write_bytes, from_pretrained
+from lmlab.tasks.causal_lm import CausalLMTask
+from lmlab.tokenizer import Tokenizer
+from lmlab.training.loop import LoopConfig, TrainResult, train
+from lmlab.training.plots import plot_run
+from lmlab.training.runtime import autocast_dtype, pick_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    # -- data
+    data: str | None = None  # a prepared dataset (lmlab prepare), or raw text files/folders/globs/JSONL
+    tokenizer: str = "bpe"  # for raw text: "bpe" (train byte-level BPE), "char", or a tokenizer directory
+    vocab_size: int = 8192  # BPE vocabulary size when a tokenizer is trained on the fly
+    val_fraction: float = 0.1
+    # -- model
+    init_from: str | None = None  # start from a pretrained model directory (continued pretraining)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    dropout: float = 0.0
+    activation: Literal["gelu_new", "gelu", "relu"] = "gelu_new"
+    tie_word_embeddings: bool = True
+    # -- optimisation
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    # -- evaluation, checkpoints, logging
+    eval_every: int = 250
+    eval_tokens: int | None = None  # validation tokens per evaluation; None = the whole split
+    save_every: int = 1000
+    keep_last: int = 2
+    log_every: int = 10
+    tensorboard: bool = True
+    max_minutes: float | None = None  # time budget: max_steps is cut to what fits
+    max_bad_steps: int = 10  # non-finite steps in a row before the run stops
+    # -- runtime
+    seed: int = 1337
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+
+    def __post_init__(self):
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
+                    "max_steps", "log_every", "vocab_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "warmup_steps", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"max_minutes must be > 0, got {self.max_minutes}")
+
+    def loop_config(self, *, progress: bool) -> LoopConfig:
+        return LoopConfig(
+            max_steps=self.max_steps, lr=self.lr, min_lr=self.min_lr,
+            warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, beta1=self.beta1,
+            beta2=self.beta2, grad_clip=self.grad_clip, eval_every=self.eval_every,
+            save_every=self.save_every, keep_last=self.keep_last, log_every=self.log_every,
+            max_minutes=self.max_minutes, max_bad_steps=self.max_bad_steps,
+            tensorboard=self.tensorboard, progress=progress,
+        )
+
+
+def _build_tokenizer(cfg: PretrainConfig, sources: list[str]) -> Tokenizer:
+    if cfg.init_from is not None:
+        return Tokenizer.from_pretrained(cfg.init_from)
+    if cfg.tokenizer == "bpe":
+        texts = (doc.text for doc in iter_documents(sources))
+        return Tokenizer.train_bpe(iterator=texts, vocab_size=cfg.vocab_size)
+    if cfg.tokenizer == "char":
+        text = "".join(doc.text for doc in iter_documents(sources))
+        return Tokenizer.char_level(text)
+    if Path(cfg.tokenizer).exists():
+        return Tokenizer.from_pretrained(cfg.tokenizer)
+    raise ConfigError(f"tokenizer: expected bpe, char or a tokenizer directory, got {cfg.tokenizer!r}")
+
+
+def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDataset, Tokenizer]:
+    """A prepared dataset is used as is; raw text is prepared once into RUN_DIR/data."""
+    if cfg.data is None:
+        raise ConfigError("data: no training data; pass --data PATH (text, folder, glob, JSONL or "
+                          "a dataset made by `lmlab prepare`)")
+    if (Path(cfg.data) / META_FILE).is_file():
+        directory = Path(cfg.data)
+    else:
+        directory = run_dir / "data"
+        if not (directory / META_FILE).is_file():
+            sources = [cfg.data]
+            tokenizer = _build_tokenizer(cfg, sources)
+            prepare_dataset(sources, tokenizer=tokenizer, out_dir=directory,
+                            val_fraction=cfg.val_fraction)
+    dataset = TokenDataset.open(directory)
+    tokenizer = Tokenizer.from_pretrained(directory)
+    return dataset, tokenizer
+
+
+def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
+    if cfg.init_from is not None:
+        model = from_pretrained(cfg.init_from)
+        if model.config.n_positions < cfg.block_size:
+            raise ConfigError(f"block_size {cfg.block_size} exceeds {cfg.init_from}'s context "
+                              f"window ({model.config.n_positions})")
+        return model
+    return GPT(GPTConfig(
+        vocab_size=tokenizer.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, activation=cfg.activation,
+        embd_dropout=cfg.dropout, resid_dropout=cfg.dropout, attn_dropout=cfg.dropout,
+        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    result: TrainResult
+    num_parameters: int
+    plot: Path | None
+
+
+def pretrain(cfg: PretrainConfig, *, run_dir: str | Path, resume: bool = False,
+             progress: bool = True) -> PretrainResult:
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: exists and is not a directory")
+    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise ConfigError(f"--out {run_dir}: already holds a run; pass --resume to continue it "
+                          "or choose another directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "train_config.yaml", dump_yaml(cfg).encode())
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    dataset, tokenizer = load_or_prepare_data(cfg, run_dir)
+    val = dataset.split("val") if dataset.meta.splits.get("val") and \
+        dataset.meta.splits["val"].tokens > cfg.block_size else None
+    model = build_model(cfg, tokenizer).to(device)
+    if dataset.vocab_size > model.config.vocab_size:
+        raise DataError(f"{cfg.data}: dataset vocabulary ({dataset.vocab_size}) is larger than the "
+                        f"model's ({model.config.vocab_size}); prepare it with the model's tokenizer")
+    task = CausalLMTask(
+        train_tokens=dataset.split("train"), val_tokens=val, block_size=cfg.block_size,
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed, device=device,
+        eval_tokens=cfg.eval_tokens,
+    )
+    runnable = torch.compile(model) if cfg.compile else model
+    result = train(
+        runnable, task, cfg.loop_config(progress=progress), run_dir=run_dir, device=device,
+        amp_dtype=autocast_dtype(device, cfg.precision), resume=resume,
+        tokens_per_step=task.tokens_per_step,
+    )
+    tokenizer.model_max_length = model.config.n_positions
+    model.save_pretrained(run_dir, tokenizer=tokenizer)
+    plot = plot_run(run_dir)
+    return PretrainResult(run_dir=run_dir, result=result, num_parameters=model.num_parameters(),
+                          plot=plot)
+

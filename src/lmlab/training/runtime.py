@@ -1,0 +1,46 @@
+"""Device and precision: auto-detection, so the same command runs on CPU and CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from lmlab.errors import ConfigError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype to autocast matmuls to, or None for plain fp32.
+
+    "auto" means bf16 on CUDA devices that support it and fp32 on CPU: CPUs without bf16
+    matrix instructions run bf16 matmuls many times slower than fp32.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ConfigError(f"precision: expected auto, fp32 or bf16, got {precision!r}")
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
