@@ -69,9 +69,10 @@ class CausalLMTask:
         )
 
     @torch.inference_mode()
-    def evaluate(self, model) -> dict[str, float]:
-        """Loss and perplexity over the whole validation split in non-overlapping windows
-        (deterministic: the same number every time, unlike a few random batches)."""
+    def evaluate(self, model, *, final: bool = False) -> dict[str, float]:
+        """Loss and perplexity in non-overlapping windows of the validation split: its first
+        `eval_tokens` tokens during training, all of it for the final figure. Deterministic: the
+        same number every time, unlike a few random batches."""
         if self.val_tokens is None:
             return {}
         total, count = 0.0, 0
@@ -79,7 +80,7 @@ class CausalLMTask:
             self.val_tokens,
             batch_size=self.eval_batch_size,
             block_size=self.block_size,
-            max_tokens=self.eval_tokens,
+            max_tokens=None if final else self.eval_tokens,
         ):
             x, y = x.to(self.device), y.to(self.device)
             total += float(self.loss(model, {"input_ids": x, "labels": y}))

@@ -32,7 +32,7 @@ class Task(Protocol):
     def train_batches(self, step: int) -> list[dict[str, torch.Tensor]]: ...
     def num_targets(self, batch: dict[str, torch.Tensor]) -> int: ...
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-    def evaluate(self, model) -> dict[str, float]: ...
+    def evaluate(self, model, *, final: bool = False) -> dict[str, float]: ...
 
 
 @dataclass
@@ -81,6 +81,7 @@ def train(
     tokens_per_step: int = 0,
 ) -> TrainResult:
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     optimizer = build_optimizer(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2)
     )
@@ -103,10 +104,10 @@ def train(
         run_dir, tensorboard=cfg.tensorboard, resume_step=start_step if resume else None
     )
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(final: bool = False) -> dict[str, float]:
         model.eval()
         with autocast(device, amp_dtype):
-            result = task.evaluate(model)
+            result = task.evaluate(model, final=final)
         model.train()
         return result
 
@@ -124,7 +125,7 @@ def train(
     first_metrics = None
     last_metrics: dict[str, float] = {}
     if start_step == 0:
-        first_metrics = last_metrics = evaluate()
+        first_metrics = last_metrics = evaluate(final=True)  # comparable with the final one
         metrics_log.log(0, **first_metrics)
 
     model.train()
@@ -202,7 +203,7 @@ def train(
             save(step)
     bar.close()
     if step > start_step or not last_metrics:
-        last_metrics = evaluate()
+        last_metrics = evaluate(final=True)
         metrics_log.log(step, **last_metrics)
     save(step)
     metrics_log.close()

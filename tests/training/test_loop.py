@@ -1,0 +1,196 @@
+"""The training loop: learning, exact resume, gradient-accumulation equivalence, guards, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmlab.models.gpt import GPT, GPTConfig
+from lmlab.tasks.causal_lm import CausalLMTask
+from lmlab.training.checkpoint import latest_valid, list_checkpoints
+from lmlab.training.loop import LoopConfig, TrainingStopped, train
+from lmlab.training.optim import build_optimizer
+from lmlab.training.schedule import lr_at
+
+VOCAB = 32
+
+
+def corpus(n: int = 20_000, seed: int = 0) -> np.ndarray:
+    """A learnable stream: a repeating pattern with noise, so the loss can fall well below log(V)."""
+    rng = np.random.default_rng(seed)
+    pattern = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4])
+    stream = np.tile(pattern, n // len(pattern) + 1)[:n].copy()
+    noise = rng.random(n) < 0.05
+    stream[noise] = rng.integers(0, VOCAB, noise.sum())
+    return stream.astype(np.uint16)
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+
+
+def loop_config(**overrides) -> LoopConfig:
+    values = dict(
+        max_steps=30, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1, beta1=0.9,
+        beta2=0.99, grad_clip=1.0, eval_every=10, save_every=10, keep_last=5, log_every=1,
+        max_minutes=None, max_bad_steps=3, tensorboard=False, progress=False,
+    )
+    values.update(overrides)
+    return LoopConfig(**values)
+
+
+def make_task(tokens, *, batch_size=4, grad_accum=1, seed=7) -> CausalLMTask:
+    return CausalLMTask(
+        train_tokens=tokens[:16_000], val_tokens=tokens[16_000:], block_size=16,
+        batch_size=batch_size, grad_accum=grad_accum, seed=seed, device=torch.device("cpu"),
+        eval_tokens=1024,
+    )
+
+
+def test_loss_falls_and_outputs_are_written(tmp_path):
+    tokens = corpus()
+    result = train(tiny_model(), make_task(tokens), loop_config(max_steps=60, tensorboard=True),
+                   run_dir=tmp_path, device=torch.device("cpu"), tokens_per_step=64)
+    assert result.first_metrics["val_loss"] == pytest.approx(math.log(VOCAB), abs=0.3)
+    assert result.metrics["val_loss"] < 0.6 * result.first_metrics["val_loss"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert len(train_losses) == 60
+    assert np.mean(train_losses[-10:]) < 0.6 * np.mean(train_losses[:5])
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20, 30, 40, 50, 60]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert [c.step for c in list_checkpoints(tmp_path)] == [20, 30, 40, 50, 60]  # keep_last=5
+
+
+class CrashAt:
+    """Wraps a task and raises mid-run, as a killed process would stop."""
+
+    def __init__(self, task, step):
+        self.task, self.step = task, step
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def train_batches(self, step):
+        if step == self.step:
+            raise KeyboardInterrupt
+        return self.task.train_batches(step)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    tokens = corpus()
+    cfg = loop_config(max_steps=25, save_every=10)
+    reference = tiny_model()
+    train(reference, make_task(tokens), cfg, run_dir=tmp_path / "a", device=torch.device("cpu"))
+
+    interrupted = tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, CrashAt(make_task(tokens), 17), cfg, run_dir=tmp_path / "b",
+              device=torch.device("cpu"))
+    assert latest_valid(tmp_path / "b").step == 10
+    resumed = tiny_model(seed=123)  # different init: everything must come from the checkpoint
+    train(resumed, make_task(tokens), cfg, run_dir=tmp_path / "b", device=torch.device("cpu"),
+          resume=True)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    curve = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert curve(tmp_path / "a") == curve(tmp_path / "b")
+
+
+def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
+    tokens = corpus()
+    train(tiny_model(), make_task(tokens), loop_config(max_steps=20, save_every=10),
+          run_dir=tmp_path, device=torch.device("cpu"))
+    newest = list_checkpoints(tmp_path)[-1].path / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    assert latest_valid(tmp_path).step == 10
+    assert "checksum mismatch" in caplog.text
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path, monkeypatch):
+    # Plain SGD makes the update proportional to the gradient; Adam's first step is nearly
+    # sign(grad), which would turn round-off in exactly-zero gradients into full-size updates.
+    monkeypatch.setattr(
+        "lmlab.training.loop.build_optimizer",
+        lambda model, lr, **_: torch.optim.SGD(model.parameters(), lr=lr),
+    )
+    tokens = corpus()
+    cfg = loop_config(max_steps=3, eval_every=0, save_every=0, grad_clip=0.0, warmup_steps=0)
+    big, small = tiny_model(), tiny_model()
+    train(big, make_task(tokens, batch_size=8), cfg, run_dir=tmp_path / "big",
+          device=torch.device("cpu"))
+    train(small, make_task(tokens, batch_size=2, grad_accum=4), cfg, run_dir=tmp_path / "acc",
+          device=torch.device("cpu"))
+    for (name, a), b in zip(big.state_dict().items(), small.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+class NaNAt:
+    def __init__(self, task, steps):
+        self.task, self.steps, self.current = task, set(steps), None
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def train_batches(self, step):
+        self.current = step
+        return self.task.train_batches(step)
+
+    def loss(self, model, batch):
+        loss = self.task.loss(model, batch)
+        return loss * float("nan") if self.current in self.steps else loss
+
+
+def test_non_finite_step_is_skipped_and_repeated_ones_stop(tmp_path):
+    tokens = corpus()
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, NaNAt(make_task(tokens), steps=[0, 1, 2]), loop_config(max_steps=3, max_bad_steps=5,
+          eval_every=0, save_every=0), run_dir=tmp_path / "a", device=torch.device("cpu"))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name  # every update was skipped
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row"):
+        train(tiny_model(), NaNAt(make_task(tokens), steps=range(2, 10)),
+              loop_config(max_steps=10, eval_every=0, save_every=0), run_dir=tmp_path / "b",
+              device=torch.device("cpu"))
+
+
+def test_checkpoint_holds_model_weights_and_resumable_state(tmp_path):
+    tokens = corpus()
+    model = tiny_model()
+    train(model, make_task(tokens), loop_config(max_steps=10, save_every=10), run_dir=tmp_path,
+          device=torch.device("cpu"))
+    ckpt = latest_valid(tmp_path)
+    weights = load_file(ckpt.path / "model.safetensors")
+    assert torch.equal(weights["wte.weight"], model.wte.weight.detach())
+    state = torch.load(ckpt.path / "state.pt", weights_only=True)
+    assert state["step"] == 10 and state["max_steps"] == 10
+    assert len(state["optimizer"]["state"]) == len(list(model.parameters()))
+
+
+def test_schedule_warmup_cosine_floor():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=2000)
+    assert lr_at(0, **kw) == pytest.approx(1e-3 / 101)
+    assert lr_at(99, **kw) == pytest.approx(1e-3 * 100 / 101)
+    assert lr_at(100, **kw) == pytest.approx(1e-3)
+    assert lr_at(1050, **kw) == pytest.approx(5.5e-4)  # half way: the mean of lr and min_lr
+    assert lr_at(2000, **kw) == pytest.approx(1e-4)
+    assert lr_at(5000, **kw) == pytest.approx(1e-4)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = tiny_model()
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"])
+    # the tied embedding / LM head weight is optimised once
+    n_unique = len({id(p) for p in model.parameters()})
+    assert len(decay["params"]) + len(no_decay["params"]) == n_unique
