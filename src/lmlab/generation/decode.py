@@ -60,7 +60,12 @@ class GenerationConfig:
     def new_tokens_for(self, prompt_len: int) -> int:
         if self.max_new_tokens is not None:
             return self.max_new_tokens
-        return max(0, self.max_length - prompt_len)
+        if self.max_length < prompt_len:
+            raise ValueError(
+                f"max_length ({self.max_length}) is shorter than the prompt ({prompt_len} "
+                "tokens); use max_new_tokens to set the number of new tokens"
+            )
+        return self.max_length - prompt_len
 
     def processors(self) -> list[LogitsProcessor]:
         """The sampling warpers in transformers' order: temperature, top-k, top-p."""
@@ -71,8 +76,10 @@ class GenerationConfig:
             out.append(TemperatureWarper(self.temperature))
         if self.top_k is not None:
             out.append(TopKWarper(self.top_k))
-        if self.top_p is not None and self.top_p < 1.0:
-            out.append(TopPWarper(self.top_p))
+        if self.top_p is not None:
+            warper = TopPWarper(self.top_p)  # validates top_p even when it filters nothing
+            if self.top_p < 1.0:
+                out.append(warper)
         return out
 
 
@@ -94,7 +101,6 @@ def select_next(scores: torch.Tensor, *, do_sample: bool, generator) -> torch.Te
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
 def generate_tokens(
     model,
     input_ids: torch.Tensor,
@@ -105,23 +111,33 @@ def generate_tokens(
     """Yield the next token of every row, (B,), one step at a time.
 
     Rows that have produced an EOS token get `pad_token_id` afterwards; the iterator stops when
-    every row is finished or the length budget is spent.
+    every row is finished or the length budget is spent. The length is checked here, at the
+    call, not at the first `next()`.
     """
-    batch, prompt_len = input_ids.shape
+    prompt_len = input_ids.shape[1]
     new_tokens = config.new_tokens_for(prompt_len)
-    if new_tokens == 0:
-        return
     total = prompt_len + new_tokens
     if total > model.config.n_positions:
         raise ValueError(
             f"prompt ({prompt_len} tokens) + {new_tokens} new tokens = {total} exceeds the "
             f"model's context window of {model.config.n_positions} tokens"
         )
+    return _generate_tokens(model, input_ids, config, new_tokens, attention_mask)
+
+
+@torch.inference_mode()
+def _generate_tokens(model, input_ids, config, new_tokens, attention_mask):
+    if new_tokens == 0:
+        return
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + new_tokens
     device = input_ids.device
     generator = None
-    if config.do_sample:
+    if config.do_sample and config.seed is not None:
+        # A per-call generator: the seed makes this call reproducible without touching the
+        # global RNG. Without a seed, sampling draws from the global RNG, as in transformers.
         generator = torch.Generator(device=device)
-        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+        generator.manual_seed(config.seed)
     processors = config.processors()
     eos = torch.tensor(config.eos_token_id, device=device, dtype=torch.long)
     pad = config.pad_token_id

@@ -26,12 +26,18 @@ class TemperatureWarper:
         return scores / self.temperature
 
 
+def _check_min_tokens_to_keep(value) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"min_tokens_to_keep must be a positive integer, got {value!r}")
+
+
 class TopKWarper:
     """Keep the k highest-scoring tokens (ties at the k-th score are all kept)."""
 
     def __init__(self, top_k: int, *, min_tokens_to_keep: int = 1):
         if not isinstance(top_k, int) or top_k <= 0:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        _check_min_tokens_to_keep(min_tokens_to_keep)
         self.top_k = max(top_k, min_tokens_to_keep)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -47,6 +53,7 @@ class TopPWarper:
     def __init__(self, top_p: float, *, min_tokens_to_keep: int = 1):
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        _check_min_tokens_to_keep(min_tokens_to_keep)
         self.top_p = float(top_p)
         self.min_tokens_to_keep = min_tokens_to_keep
 

@@ -226,10 +226,11 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6·N for the matmuls plus attention scores (PaLM appendix B)."""
+        """Training FLOPs per token: 6·N for the weight matmuls plus 12·L·d·T for attention
+        scores and values (PaLM, appendix B)."""
         c = self.config
         matmul_params = self.num_parameters() - self.wpe.weight.numel()
         if not c.tie_word_embeddings:
             matmul_params -= self.wte.weight.numel()  # the input embedding is a lookup
-        return 6 * matmul_params + 6 * c.n_layer * c.n_embd * seq_len
+        return 6 * matmul_params + 12 * c.n_layer * c.n_embd * seq_len
 

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random GPT-2 checkpoints, built locally with transformers (never the hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# (n_layer, n_head, n_embd, n_positions, vocab) shapes, one activation each; "c" has an explicit
+# n_inner that is not 4 * n_embd, "b" an untied output head.
+TINY_GPT2 = {
+    "a": dict(n_layer=1, n_head=1, n_embd=8, n_positions=16, vocab_size=50,
+              activation_function="gelu_new"),
+    "b": dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=100,
+              activation_function="gelu", tie_word_embeddings=False),
+    "c": dict(n_layer=3, n_head=2, n_embd=24, n_positions=40, vocab_size=77, n_inner=40,
+              activation_function="relu"),
+}
+
+
+def build_hf_gpt2(*, seed: int = 0, **config):
+    """A seeded `transformers.GPT2LMHeadModel` in eval mode, with every parameter randomised."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(bos_token_id=None, eos_token_id=None, **config)).eval()
+    # HF's init leaves LayerNorms at 1/0 and every bias at 0, which would hide a swapped or
+    # dropped LayerNorm or bias; larger weights also make greedy argmax gaps far above fp noise.
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # a tied lm_head is not listed twice
+            if ".ln_" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """`tiny_gpt2(name) -> (hf_model, checkpoint_dir)`, built once per session per name."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            hf = build_hf_gpt2(**TINY_GPT2[name])
+            directory = tmp_path_factory.mktemp(f"gpt2_{name}")
+            hf.save_pretrained(directory)
+            built[name] = (hf, directory)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    barrier can turn a 20 µs matmul into 8 ms; run such tests on one thread, then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
