@@ -1,1 +1,22 @@
-"""lmlab: pretrain, fine-tune, decode and serve transformer language models."""
+"""lmlab: pretrain, fine-tune, decode and serve transformer language models.
+
+The curated public API:
+
+    import lmlab
+    model = lmlab.from_pretrained(path)          # a Hugging Face GPT-2 directory or an lmlab run
+    tok = lmlab.Tokenizer.from_pretrained(path)
+    out = model.generate(input_ids, max_new_tokens=32)
+    model.save_pretrained(path2)
+"""
+
+from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
+from lmlab.generation import GenerationConfig, generate, generate_tokens
+from lmlab.models import GPT, GPTConfig, from_pretrained
+from lmlab.tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPT", "GPTConfig", "GenerationConfig", "Tokenizer", "from_pretrained", "generate",
+    "generate_tokens", "LmlabError", "ConfigError", "DataError", "CheckpointError",
+]

@@ -109,8 +109,6 @@ def from_dict(cls: type[T], values: dict[str, Any], *, where: str = "config") ->
         kwargs[key] = convert_value(value, types_by_name[key], where=f"{where}: '{key}'")
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
 

@@ -24,8 +24,11 @@ def run(args) -> int:
     if "val_loss" in r.metrics:
         print(f"after {r.steps} steps: val loss {r.metrics['val_loss']:.4f}, "
               f"perplexity {r.metrics['val_ppl']:.2f}")
-    print(f"{out.num_parameters / 1e6:.2f}M parameters, {r.tokens_per_second:,.0f} tokens/s, "
-          f"{r.train_seconds:.1f} s training")
+    if r.train_seconds:
+        print(f"{out.num_parameters / 1e6:.2f}M parameters, {r.tokens_per_second:,.0f} tokens/s, "
+              f"{r.train_seconds:.1f} s training")
+    else:
+        print(f"nothing to train: the run had already reached step {r.steps}")
     print(f"model: {out.run_dir} (lmlab.from_pretrained('{out.run_dir}'))")
     if out.plot:
         print(f"loss curve: {out.plot}")

@@ -19,7 +19,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
 
-from lmlab.errors import CheckpointError, ConfigError, DataError
+from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
 
 END_OF_TEXT = "<|endoftext|>"
 _ROLES = ("bos", "eos", "pad", "unk")
@@ -72,6 +72,8 @@ class Tokenizer:
                 backend.train([str(p) for p in paths], trainer=trainer)
             else:
                 backend.train_from_iterator(iterator, trainer=trainer)
+        except LmlabError:
+            raise  # already names the file and line (e.g. raised by the documents iterator)
         except Exception as error:  # tokenizers raises a bare Exception, e.g. for non-UTF-8 input
             source = ", ".join(map(str, paths)) if paths is not None else "iterator"
             raise DataError(f"{source}: cannot train BPE: {error}") from error

@@ -98,7 +98,14 @@ def train(
             torch.set_rng_state(state["rng_cpu"])
             if torch.cuda.is_available() and "rng_cuda" in state:
                 torch.cuda.set_rng_state_all(state["rng_cuda"])
-            start_step, max_steps, budget_fixed = state["step"], state["max_steps"], True
+            start_step, budget_fixed = state["step"], True
+            # A time-budgeted run keeps the horizon it fitted; otherwise the config decides, so
+            # `--resume --max_steps N` can extend a finished run (the cosine tail is stretched).
+            if cfg.max_minutes is not None:
+                max_steps = state["max_steps"]
+            elif cfg.max_steps != state["max_steps"]:
+                log.info("max_steps changed from %d to %d: the schedule's horizon moves",
+                         state["max_steps"], cfg.max_steps)
             log.info("resumed from %s (step %d of %d)", latest.path, start_step, max_steps)
     metrics_log = MetricsLog(
         run_dir, tensorboard=cfg.tensorboard, resume_step=start_step if resume else None
@@ -202,10 +209,12 @@ def train(
         if cfg.save_every and step % cfg.save_every == 0 and step != max_steps:
             save(step)
     bar.close()
-    if step > start_step or not last_metrics:
+    if step > start_step:
         last_metrics = evaluate(final=True)
         metrics_log.log(step, **last_metrics)
-    save(step)
+        save(step)
+    elif not last_metrics:  # resumed a finished run: report, but log and save nothing new
+        last_metrics = evaluate(final=True)
     metrics_log.close()
     return TrainResult(
         steps=step,
