@@ -10,77 +10,12 @@ The model only needs the decoder protocol `model(ids, positions=..., cache=..., 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
-from lmlab.generation.processors import (
-    LogitsProcessor,
-    TemperatureWarper,
-    TopKWarper,
-    TopPWarper,
-    apply_processors,
-)
-
-
-@dataclass
-class GenerationConfig:
-    """Validated decoding settings; names and meaning as in transformers' GenerationConfig."""
-
-    max_new_tokens: int | None = None
-    max_length: int | None = None  # prompt + new tokens; used when max_new_tokens is None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    eos_token_id: list[int] = field(default_factory=list)
-    pad_token_id: int | None = None
-    seed: int | None = None
-
-    def __post_init__(self):
-        if self.max_new_tokens is None and self.max_length is None:
-            self.max_new_tokens = 20  # transformers' default length budget
-        if self.max_new_tokens is not None and self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if isinstance(self.eos_token_id, int):
-            self.eos_token_id = [self.eos_token_id]
-        sampling_knobs = {
-            "temperature": self.temperature != 1.0,
-            "top_k": self.top_k is not None,
-            "top_p": self.top_p is not None,
-            "seed": self.seed is not None,
-        }
-        if not self.do_sample and any(sampling_knobs.values()):
-            used = ", ".join(k for k, v in sampling_knobs.items() if v)
-            # transformers warns and decodes greedily; a silent strategy switch is worse.
-            raise ValueError(f"{used} only apply to sampling; pass do_sample=True to sample")
-        self.processors()  # validates the values
-
-    def new_tokens_for(self, prompt_len: int) -> int:
-        if self.max_new_tokens is not None:
-            return self.max_new_tokens
-        if self.max_length < prompt_len:
-            raise ValueError(
-                f"max_length ({self.max_length}) is shorter than the prompt ({prompt_len} "
-                "tokens); use max_new_tokens to set the number of new tokens"
-            )
-        return self.max_length - prompt_len
-
-    def processors(self) -> list[LogitsProcessor]:
-        """The sampling warpers in transformers' order: temperature, top-k, top-p."""
-        if not self.do_sample:
-            return []
-        out: list[LogitsProcessor] = []
-        if self.temperature != 1.0:
-            out.append(TemperatureWarper(self.temperature))
-        if self.top_k is not None:
-            out.append(TopKWarper(self.top_k))
-        if self.top_p is not None:
-            warper = TopPWarper(self.top_p)  # validates top_p even when it filters nothing
-            if self.top_p < 1.0:
-                out.append(warper)
-        return out
+from lmlab.generation.config import GenerationConfig
+from lmlab.generation.processors import apply_processors
 
 
 def prefill(model, input_ids, cache, attention_mask=None) -> torch.Tensor:
@@ -138,7 +73,7 @@ def _generate_tokens(model, input_ids, config, new_tokens, attention_mask):
         # global RNG. Without a seed, sampling draws from the global RNG, as in transformers.
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed)
-    processors = config.processors()
+    processors = config.logits_processors(prompt_len=prompt_len)
     eos = torch.tensor(config.eos_token_id, device=device, dtype=torch.long)
     pad = config.pad_token_id
     if pad is None:
@@ -175,35 +110,47 @@ def generate(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int | None = None,
-    max_length: int | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
-    seed: int | None = None,
+    tokenizer=None,
+    draft_model=None,
+    **knobs,
 ) -> torch.Tensor:
-    """Prompt + generated tokens (B, S + new), greedy unless do_sample=True.
+    """Prompt + generated tokens, padded like transformers' output.
 
-    `eos_token_id` defaults to the model config's; pass [] to never stop early.
+    `knobs` are GenerationConfig's fields (transformers' names: max_new_tokens, do_sample, top_p,
+    num_beams, …); an unknown name is a TypeError. `eos_token_id` and `pad_token_id` default to
+    the model config's; pass eos_token_id=[] to never stop early. `tokenizer` is needed for
+    `stop_strings`; `draft_model` turns on speculative decoding.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
         eos_token_id=[] if eos_token_id is None else eos_token_id,
-        pad_token_id=pad_token_id if pad_token_id is not None else model.config.pad_token_id,
-        seed=seed,
+        pad_token_id=pad_token_id,
+        **knobs,
     )
+    if config.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer: generate(..., tokenizer=tok)")
+    if config.num_beams > 1:
+        if draft_model is not None:
+            raise ValueError("speculative decoding (draft_model) does not combine with num_beams > 1")
+        from lmlab.generation.beam import beam_search
+
+        return beam_search(model, input_ids, config, attention_mask=attention_mask)
+    if draft_model is not None:
+        from lmlab.generation.speculative import speculative_generate
+
+        return speculative_generate(model, draft_model, input_ids, config,
+                                    attention_mask=attention_mask)
+    if config.num_return_sequences > 1:  # sampled: each prompt repeated, as transformers does
+        input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
     tokens = list(generate_tokens(model, input_ids, config, attention_mask=attention_mask))
     if not tokens:
         return input_ids

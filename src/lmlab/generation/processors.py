@@ -73,3 +73,18 @@ def apply_processors(
     for processor in processors:
         scores = processor(input_ids, scores)
     return scores
+
+
+def build_logits_processors(config, *, prompt_len: int) -> list[LogitsProcessor]:
+    """The processors a GenerationConfig asks for, in transformers' order; warpers last."""
+    out: list[LogitsProcessor] = []
+    if config.do_sample:
+        if config.temperature != 1.0:
+            out.append(TemperatureWarper(config.temperature))
+        if config.top_k is not None:
+            out.append(TopKWarper(config.top_k))
+        if config.top_p is not None:
+            warper = TopPWarper(config.top_p)  # validates top_p even when it filters nothing
+            if config.top_p < 1.0:
+                out.append(warper)
+    return out

@@ -129,11 +129,14 @@ def train(
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         ckpt_io.save_checkpoint(run_dir, step, model, state, keep_last=cfg.keep_last)
 
+    t_begin = time.perf_counter()  # the time budget counts evaluations too
     first_metrics = None
     last_metrics: dict[str, float] = {}
+    eval_seconds = 0.0  # the cost of one evaluation, to reserve budget for the remaining ones
     if start_step == 0:
-        first_metrics = last_metrics = evaluate(final=True)  # comparable with the final one
+        first_metrics = last_metrics = evaluate()
         metrics_log.log(0, **first_metrics)
+        eval_seconds = time.perf_counter() - t_begin
 
     model.train()
     bar = tqdm(total=max_steps, initial=start_step, disable=not cfg.progress, unit="step",
@@ -192,11 +195,14 @@ def train(
         bar.update(1)
 
         if not budget_fixed and trained_steps == 10:
-            # Fit the run into the time budget now that a step's cost is known, and let the
-            # cosine schedule decay over the steps that will really run.
+            # Fit the run into the time budget now that a step's cost is known — leaving time
+            # for the evaluations still to come — and let the cosine schedule decay over the
+            # steps that will really run.
             per_step = (time.perf_counter() - t_start) / trained_steps
-            remaining = cfg.max_minutes * 60 - (time.perf_counter() - t_start)
-            fit = step + int(0.95 * remaining / per_step)
+            remaining = cfg.max_minutes * 60 - (time.perf_counter() - t_begin)
+            fit = step + int(remaining / per_step)
+            n_evals = 1 + ((fit - step) // cfg.eval_every if cfg.eval_every else 0)
+            fit = step + int(0.97 * (remaining - n_evals * eval_seconds) / per_step)
             if fit < max_steps:
                 max_steps = max(step + 1, fit)
                 bar.total = max_steps
