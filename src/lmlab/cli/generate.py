@@ -1,51 +1,207 @@
+"""`lmlab generate`: every decoding knob on the command line; streams greedy and sampled text.
+
+Prompts come from --prompt (repeatable), --prompt-file (one per line) or standard input.
+`--compare [NAME=KNOBS …]` runs several strategies on the same prompts and prints them side by
+side with tokens/s and quality signals.
+"""
+
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import torch
 
-from lmlab.errors import ConfigError
-from lmlab.generation import GenerationConfig, generate_tokens
+from lmlab.errors import ConfigError, DataError
+from lmlab.generation import GenerationConfig, generate, generate_tokens
 from lmlab.models import from_pretrained
 from lmlab.tokenizer import Tokenizer
 
 
+def _json(flag):
+    def parse(text):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{flag}: not valid JSON ({err.msg}): {text!r}") from None
+    return parse
+
+
+def _early_stopping(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "never":
+        return "never"
+    raise ConfigError(f"--early-stopping: expected true, false or never, got {text!r}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--eos-token-id: expected comma-separated integers, got {text!r}") from None
+
+
+# GenerationConfig field -> (type on the command line, help). The flag is --field-with-dashes.
+KNOBS = {
+    "max_new_tokens": (int, "number of tokens to generate (default 64)"),
+    "max_length": (int, "prompt + new tokens, instead of --max-new-tokens"),
+    "min_new_tokens": (int, "EOS is forbidden before this many new tokens"),
+    "num_beams": (int, "beam search with this many beams"),
+    "num_return_sequences": (int, "outputs per prompt (beams or samples)"),
+    "temperature": (float, "sampling temperature"),
+    "top_k": (int, "sample from the k most likely tokens"),
+    "top_p": (float, "nucleus sampling: smallest set of tokens with this much probability"),
+    "min_p": (float, "drop tokens below min_p × the top token's probability"),
+    "typical_p": (float, "locally typical sampling"),
+    "epsilon_cutoff": (float, "drop tokens with probability below epsilon"),
+    "eta_cutoff": (float, "eta sampling"),
+    "repetition_penalty": (float, "divide (multiply) the scores of seen tokens, CTRL-style"),
+    "no_repeat_ngram_size": (int, "never repeat an n-gram of this size"),
+    "bad_words_ids": (_json("--bad-words-ids"), "JSON list of banned token sequences"),
+    "sequence_bias": (_json("--sequence-bias"), 'JSON [[[ids…], bias], …]'),
+    "frequency_penalty": (float, "OpenAI: subtract penalty × count of the token so far"),
+    "presence_penalty": (float, "OpenAI: subtract penalty once the token has appeared"),
+    "logit_bias": (_json("--logit-bias"), 'OpenAI: JSON {"token_id": bias}'),
+    "length_penalty": (float, "beam search: score / length ** length_penalty"),
+    "early_stopping": (_early_stopping, "beam search: true, false or never"),
+    "eos_token_id": (_int_list, "comma-separated EOS ids (default: the model's)"),
+    "pad_token_id": (int, "id written after a row has finished"),
+    "seed": (int, "seed for sampling (reproducible, per call)"),
+}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model directory (config.json + weights)")
-    parser.add_argument("--prompt", help="prompt text; read from stdin when omitted")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible)")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--prompt-file", help="a file with one prompt per line")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam")
+    parser.add_argument("--stop", action="append", dest="stop_strings", metavar="TEXT",
+                        help="stop when this text is generated (repeatable)")
+    parser.add_argument("--draft-model", help="a smaller model for speculative decoding")
+    parser.add_argument("--compare", nargs="*", metavar="NAME=JSON",
+                        help="compare strategies side by side (default: a standard set), e.g. "
+                             "greedy={} 'nucleus={\"do_sample\": true, \"top_p\": 0.9}'")
+    for name, (kind, help_text) in KNOBS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise DataError(f"--prompt-file {path}: file not found")
+        try:
+            prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as err:
+            raise DataError(f"--prompt-file {path}: not UTF-8 text (byte {err.start})") from None
+    if not prompts and not sys.stdin.isatty():
+        text = sys.stdin.read()
+        prompts = [text] if text else []
+    if not prompts or any(not p for p in prompts):
+        raise ConfigError("--prompt: empty prompt; give --prompt TEXT, --prompt-file or stdin")
+    return prompts
+
+
+def knobs_from(args, model) -> dict:
+    knobs = {name: getattr(args, name) for name in KNOBS if getattr(args, name) is not None}
+    if args.do_sample:
+        knobs["do_sample"] = True
+    if args.stop_strings:
+        knobs["stop_strings"] = args.stop_strings
+    if "sequence_bias" in knobs:
+        try:
+            knobs["sequence_bias"] = {tuple(ids): float(b) for ids, b in knobs["sequence_bias"]}
+        except (TypeError, ValueError):
+            raise ConfigError('--sequence-bias: expected JSON [[[ids…], bias], …]') from None
+    if "logit_bias" in knobs:
+        try:
+            knobs["logit_bias"] = {int(k): float(v) for k, v in knobs["logit_bias"].items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ConfigError('--logit-bias: expected JSON {"token_id": bias, …}') from None
+    knobs.setdefault("max_new_tokens", None if "max_length" in knobs else 64)
+    if "eos_token_id" not in knobs:
+        knobs["eos_token_id"] = [] if model.config.eos_token_id is None else [model.config.eos_token_id]
+    return knobs
+
+
+def _config_error(err: ValueError) -> ConfigError:
+    message = str(err).replace("do_sample=True", "--do-sample").replace("num_beams", "--num-beams")
+    return ConfigError(message)
 
 
 def run(args) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if not prompt:
-        raise ConfigError("--prompt: empty prompt")
+    prompts = read_prompts(args)
     model = from_pretrained(args.model)
     tokenizer = Tokenizer.from_pretrained(args.model)
+    knobs = knobs_from(args, model)
+    if args.compare is not None:
+        return run_compare(args, model, tokenizer, prompts, knobs)
     try:
-        config = GenerationConfig(
-            max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            eos_token_id=[] if model.config.eos_token_id is None else [model.config.eos_token_id],
-            seed=args.seed,
-        )
+        config = GenerationConfig(**knobs)
     except ValueError as err:
-        raise ConfigError(str(err).replace("do_sample=True", "--do-sample")) from None
-    ids = tokenizer.encode(prompt)
-    if len(ids) + args.max_new_tokens > model.config.n_positions:
-        raise ConfigError(
-            f"--prompt is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} that "
-            f"exceeds the model's context window of {model.config.n_positions} tokens"
+        raise _config_error(err) from None
+    draft = from_pretrained(args.draft_model) if args.draft_model else None
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        try:
+            new = config.new_tokens_for(ids.shape[1])
+        except ValueError as err:
+            raise ConfigError(f"--max-length: {err}") from None
+        if ids.shape[1] + new > model.config.n_positions:
+            budget = (f"--max-new-tokens {new}" if config.max_new_tokens is not None
+                      else f"--max-length {config.max_length}")
+            raise ConfigError(
+                f"--prompt is {ids.shape[1]} tokens; with {budget} that exceeds the "
+                f"model's context window of {model.config.n_positions} tokens"
+            )
+        streamable = config.num_beams == 1 and config.num_return_sequences == 1 and draft is None
+        if streamable:  # one token iterator feeds the terminal as it goes
+            stream = tokenizer.stream_decoder(skip_special_tokens=True)
+            sys.stdout.write(prompt)
+            for token in generate_tokens(model, ids, config, tokenizer=tokenizer):
+                sys.stdout.write(stream.push(int(token[0])))
+                sys.stdout.flush()
+            sys.stdout.write(stream.flush() + "\n")
+            continue
+        try:
+            out = generate(model, ids, tokenizer=tokenizer, draft_model=draft, **knobs)
+        except ValueError as err:
+            raise _config_error(err) from None
+        for row in out:
+            print(prompt + tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True))
+    return 0
+
+
+def run_compare(args, model, tokenizer, prompts, knobs) -> int:
+    from lmlab.generation.compare import DEFAULT_STRATEGIES, compare_strategies
+
+    strategies = dict(DEFAULT_STRATEGIES)
+    if args.compare:
+        strategies = {}
+        for item in args.compare:
+            name, _, text = item.partition("=")
+            strategies[name] = _json(f"--compare {name}")(text or "{}")
+            if not isinstance(strategies[name], dict):
+                raise ConfigError(f"--compare {name}: expected a JSON object of knobs")
+    try:
+        results = compare_strategies(
+            model, tokenizer, prompts, strategies=strategies,
+            max_new_tokens=knobs.get("max_new_tokens") or 64, seed=knobs.get("seed", 0),
+            eos_token_id=knobs["eos_token_id"],
         )
-    stream = tokenizer.stream_decoder(skip_special_tokens=True)
-    sys.stdout.write(prompt)
-    for token in generate_tokens(model, torch.tensor([ids]), config):
-        sys.stdout.write(stream.push(int(token[0])))
-        sys.stdout.flush()
-    sys.stdout.write(stream.flush() + "\n")
+    except (ValueError, TypeError) as err:
+        raise _config_error(ValueError(str(err))) from None
+    for i, prompt in enumerate(prompts):
+        print(f"\n### prompt {i + 1}: {prompt!r}")
+        for r in results:
+            print(f"--- {r.name} {json.dumps(r.knobs)}\n{prompt}{r.texts[i]}")
+    print("\n| strategy | tokens/s | mean log-prob | distinct-2 | repeated 3-grams |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r.name} | {r.tokens_per_s:,.0f} | {r.mean_logprob:.3f} | {r.distinct_2:.3f} | "
+              f"{r.repeated_3gram_rate:.3f} |")
     return 0

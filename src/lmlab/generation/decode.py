@@ -16,12 +16,12 @@ import torch
 
 from lmlab.generation.config import GenerationConfig
 from lmlab.generation.processors import apply_processors
+from lmlab.generation.stopping import EosCriterion, StopStringCriterion
 
 
 def prefill(model, input_ids, cache, attention_mask=None) -> torch.Tensor:
     """Run the whole prompt once, filling the cache; return last-position logits (B, V)."""
-    logits = model(input_ids, cache=cache, attention_mask=attention_mask)
-    return logits[:, -1, :]
+    return model(input_ids, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1, :]
 
 
 def decode_one_token(model, token, cache, attention_mask=None) -> torch.Tensor:
@@ -29,11 +29,32 @@ def decode_one_token(model, token, cache, attention_mask=None) -> torch.Tensor:
     return model(token, cache=cache, attention_mask=attention_mask)[:, -1, :]
 
 
-def select_next(scores: torch.Tensor, *, do_sample: bool, generator) -> torch.Tensor:
-    if not do_sample:
-        return scores.argmax(dim=-1)
-    probs = torch.softmax(scores.float(), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+class TokenSampler:
+    """Picks the next token of every row: argmax, or a draw from softmax(scores).
+
+    With a seed, each row draws from its own generator seeded from (seed, row), so a row's
+    samples do not change when other rows join the batch (batch invariance). Without a seed, all
+    rows draw from torch's global RNG in one call, as transformers does.
+    """
+
+    def __init__(self, *, do_sample: bool, seed: int | None, batch_size: int, device):
+        self.do_sample = do_sample
+        self.generators = None
+        if do_sample and seed is not None:
+            self.generators = []
+            for row in range(batch_size):
+                generator = torch.Generator(device=device)
+                generator.manual_seed(seed + 1_000_003 * row)
+                self.generators.append(generator)
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if not self.do_sample:
+            return scores.argmax(dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        if self.generators is None:
+            return torch.multinomial(probs, num_samples=1).squeeze(-1)
+        return torch.cat([torch.multinomial(p, num_samples=1, generator=g)
+                          for p, g in zip(probs, self.generators)])
 
 
 def generate_tokens(
@@ -42,12 +63,13 @@ def generate_tokens(
     config: GenerationConfig,
     *,
     attention_mask: torch.Tensor | None = None,
+    tokenizer=None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), one step at a time.
+    """Yield the next token of every row, (B,), one step at a time (greedy or sampling).
 
-    Rows that have produced an EOS token get `pad_token_id` afterwards; the iterator stops when
-    every row is finished or the length budget is spent. The length is checked here, at the
-    call, not at the first `next()`.
+    Rows that are done (EOS, a stop string) get `pad_token_id` afterwards; the iterator stops when
+    every row is done or the length budget is spent. Lengths are checked here, at the call, not
+    at the first `next()`.
     """
     prompt_len = input_ids.shape[1]
     new_tokens = config.new_tokens_for(prompt_len)
@@ -57,28 +79,39 @@ def generate_tokens(
             f"prompt ({prompt_len} tokens) + {new_tokens} new tokens = {total} exceeds the "
             f"model's context window of {model.config.n_positions} tokens"
         )
-    return _generate_tokens(model, input_ids, config, new_tokens, attention_mask)
+    if config.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer: pass tokenizer=...")
+    return _generate_tokens(model, input_ids, config, new_tokens, attention_mask, tokenizer)
+
+
+def stopping_criteria(config: GenerationConfig, *, batch_size: int, device, tokenizer) -> list:
+    criteria = []
+    if config.eos_token_id:
+        criteria.append(EosCriterion(config.eos_token_id, device=device))
+    if config.stop_strings:
+        criteria.append(StopStringCriterion(config.stop_strings, tokenizer, batch_size=batch_size))
+    return criteria
 
 
 @torch.inference_mode()
-def _generate_tokens(model, input_ids, config, new_tokens, attention_mask):
+def _generate_tokens(model, input_ids, config, new_tokens, attention_mask, tokenizer):
     if new_tokens == 0:
         return
     batch, prompt_len = input_ids.shape
     total = prompt_len + new_tokens
     device = input_ids.device
-    generator = None
-    if config.do_sample and config.seed is not None:
-        # A per-call generator: the seed makes this call reproducible without touching the
-        # global RNG. Without a seed, sampling draws from the global RNG, as in transformers.
-        generator = torch.Generator(device=device)
-        generator.manual_seed(config.seed)
     processors = config.logits_processors(prompt_len=prompt_len)
-    eos = torch.tensor(config.eos_token_id, device=device, dtype=torch.long)
+    criteria = stopping_criteria(config, batch_size=batch, device=device, tokenizer=tokenizer)
+    sampler = TokenSampler(do_sample=config.do_sample, seed=config.seed, batch_size=batch,
+                           device=device)
     pad = config.pad_token_id
     if pad is None:
         pad = config.eos_token_id[0] if config.eos_token_id else 0
+    pad = torch.tensor(pad, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    # The whole sequence lives in one preallocated buffer; processors see a view of it.
+    sequence = torch.empty(batch, total, dtype=torch.long, device=device)
+    sequence[:, :prompt_len] = input_ids
 
     cache = model.new_cache(batch, total)
     if attention_mask is not None and bool(attention_mask.all()):
@@ -87,21 +120,24 @@ def _generate_tokens(model, input_ids, config, new_tokens, attention_mask):
     if attention_mask is not None:
         mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
         mask[:, :prompt_len] = attention_mask
-    sequence = input_ids
     scores = prefill(model, input_ids, cache, None if mask is None else mask[:, :prompt_len])
     for step in range(new_tokens):
-        scores = apply_processors(processors, sequence, scores.float())
-        token = select_next(scores, do_sample=config.do_sample, generator=generator)
-        token = torch.where(unfinished, token, torch.full_like(token, pad))
+        length = prompt_len + step
+        if processors:
+            scores = apply_processors(processors, sequence[:, :length], scores.float())
+        token = sampler(scores)
+        if criteria:
+            token = torch.where(unfinished, token, pad)
+        sequence[:, length] = token
         yield token
-        if len(eos):
-            unfinished &= ~torch.isin(token, eos)
+        if criteria:
+            for criterion in criteria:
+                unfinished &= ~criterion(sequence[:, : length + 1], token)
             if not bool(unfinished.any()):
                 return
         if step + 1 == new_tokens:
             return
-        sequence = torch.cat([sequence, token[:, None]], dim=1)
-        step_mask = None if mask is None else mask[:, : sequence.shape[1]]
+        step_mask = None if mask is None else mask[:, : length + 1]
         scores = decode_one_token(model, token[:, None], cache, step_mask)
 
 
@@ -151,7 +187,8 @@ def generate(
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
-    tokens = list(generate_tokens(model, input_ids, config, attention_mask=attention_mask))
+    tokens = list(generate_tokens(model, input_ids, config, attention_mask=attention_mask,
+                                  tokenizer=tokenizer))
     if not tokens:
         return input_ids
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)

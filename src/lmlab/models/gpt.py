@@ -159,16 +159,19 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
+        # Positions never exceed start + T - 1 (left padding only lowers them), so this check
+        # needs no device sync; explicit positions are checked as given.
+        last = start + T - 1 if positions is None else int(positions.max())
+        if last >= self.config.n_positions:
+            raise ValueError(
+                f"sequence needs position {last}, but the model's context window "
+                f"(n_positions) is {self.config.n_positions}"
+            )
         if positions is None:
             if attention_mask is not None:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
             else:
                 positions = torch.arange(start, start + T, device=input_ids.device)[None]
-        if int(positions.max()) >= self.config.n_positions:
-            raise ValueError(
-                f"sequence needs position {int(positions.max())}, but the model's context "
-                f"window (n_positions) is {self.config.n_positions}"
-            )
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = padded_causal_mask(attention_mask, T)
@@ -186,11 +189,15 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size)."""
+        """Logits (B, T, vocab_size); (B, 1, vocab_size) with `last_only` (decoding needs only
+        the last position, and the LM head is the largest matmul of a prompt's forward pass)."""
         hidden = self.hidden_states(
             input_ids, positions=positions, cache=cache, attention_mask=attention_mask
         )
+        if last_only:
+            hidden = hidden[:, -1:]
         return self.lm_head(hidden)
 
     # -- decoding support ----------------------------------------------------------------------

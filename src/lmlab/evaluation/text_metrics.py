@@ -1,0 +1,40 @@
+"""Quality signals for generated text: diversity, repetition, and likelihood under a model."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def ngrams(tokens: Sequence, n: int) -> list[tuple]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(sequences: Sequence[Sequence], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over a set of outputs (Li et al., 2016); 1.0 = no reuse."""
+    grams = [g for seq in sequences for g in ngrams(seq, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngram_rate(tokens: Sequence, n: int = 3) -> float:
+    """Share of n-grams that already occurred earlier in the same output (degenerate loops → 1)."""
+    seen: set[tuple] = set()
+    grams = ngrams(tokens, n)
+    repeats = 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams) if grams else 0.0
+
+
+@torch.inference_mode()
+def mean_token_logprob(model, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> float:
+    """Mean log-probability the model assigns to `new_ids` after `prompt_ids` (nats/token)."""
+    if not new_ids:
+        return float("nan")
+    ids = torch.tensor([list(prompt_ids) + list(new_ids)], device=model.wte.weight.device)
+    logits = model(ids[:, :-1]).float()
+    logprobs = torch.log_softmax(logits[0, len(prompt_ids) - 1 :], dim=-1)
+    targets = ids[0, len(prompt_ids) :]
+    return float(logprobs.gather(-1, targets[:, None]).mean())
