@@ -194,3 +194,16 @@ def test_weight_decay_applies_to_matrices_only():
     # the tied embedding / LM head weight is optimised once
     n_unique = len({id(p) for p in model.parameters()})
     assert len(decay["params"]) + len(no_decay["params"]) == n_unique
+
+
+def test_time_budget_cuts_max_steps_and_the_schedule_still_decays(tmp_path):
+    tokens = corpus()
+    result = train(tiny_model(), make_task(tokens),
+                   loop_config(max_steps=100_000, max_minutes=0.05, eval_every=0, save_every=0),
+                   run_dir=tmp_path, device=torch.device("cpu"))
+    assert 25 <= result.steps < 100_000
+    state = torch.load(latest_valid(tmp_path).path / "state.pt", weights_only=True)
+    assert state["max_steps"] == result.steps  # the horizon was fitted, then reached
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if "lr" in json.loads(x)]
+    assert lrs[-1] == pytest.approx(3e-4, rel=0.05)  # the cosine reached its floor

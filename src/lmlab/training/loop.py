@@ -26,6 +26,7 @@ from lmlab.training.schedule import lr_at
 from lmlab.training.tracking import MetricsLog
 
 log = logging.getLogger(__name__)
+CALIBRATION = (5, 25)  # a time-budgeted run times steps 5..25 to fix its number of steps
 
 
 class Task(Protocol):
@@ -143,6 +144,7 @@ def train(
                dynamic_ncols=True)
     t_start = time.perf_counter()
     train_seconds, trained_steps, bad_in_a_row = 0.0, 0, 0
+    t_calibrate = t_start
     train_loss: float | None = None
     step = start_step
     while step < max_steps:
@@ -194,11 +196,13 @@ def train(
                             tok_s=f"{record.get('tokens_per_s', 0):,.0f}", refresh=False)
         bar.update(1)
 
-        if not budget_fixed and trained_steps == 10:
-            # Fit the run into the time budget now that a step's cost is known — leaving time
-            # for the evaluations still to come — and let the cosine schedule decay over the
-            # steps that will really run.
-            per_step = (time.perf_counter() - t_start) / trained_steps
+        if trained_steps == CALIBRATION[0]:
+            t_calibrate = time.perf_counter()
+        if not budget_fixed and trained_steps == CALIBRATION[1]:
+            # Fit the run into the time budget now that a step's cost is known (measured after
+            # the first, slower steps) — leaving time for the evaluations still to come — and
+            # let the cosine schedule decay over the steps that will really run.
+            per_step = (time.perf_counter() - t_calibrate) / (CALIBRATION[1] - CALIBRATION[0])
             remaining = cfg.max_minutes * 60 - (time.perf_counter() - t_begin)
             fit = step + int(remaining / per_step)
             n_evals = 1 + ((fit - step) // cfg.eval_every if cfg.eval_every else 0)
