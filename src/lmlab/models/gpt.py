@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from lmlab.errors import ConfigError
 from lmlab.models.kv_cache import KVCache
-from lmlab.models.layers import ACTIVATIONS, attention, padded_causal_mask
+from lmlab.models.layers import ACTIVATIONS, Linear, attention, padded_causal_mask
 
 
 @dataclass
@@ -64,8 +64,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
@@ -91,8 +91,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
-        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, config.n_inner)
+        self.c_proj = Linear(config.n_inner, config.n_embd)
         self.act = ACTIVATIONS[config.activation]
         self.dropout = nn.Dropout(config.resid_dropout)
 
@@ -124,7 +124,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.embd_dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
         if not any(p.is_meta for p in self.parameters()):
