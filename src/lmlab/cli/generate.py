@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lmlab.errors import ConfigError, DataError
-from lmlab.generation import GenerationConfig, generate, generate_tokens
+from lmlab.generation import GenerationConfig, generate, stream
 from lmlab.models import from_pretrained
 from lmlab.tokenizer import Tokenizer
 
@@ -160,12 +160,11 @@ def run(args) -> int:
             )
         streamable = config.num_beams == 1 and config.num_return_sequences == 1 and draft is None
         if streamable:  # one token iterator feeds the terminal as it goes
-            stream = tokenizer.stream_decoder(skip_special_tokens=True)
             sys.stdout.write(prompt)
-            for token in generate_tokens(model, ids, config, tokenizer=tokenizer):
-                sys.stdout.write(stream.push(int(token[0])))
+            for step in stream(model, ids, config, tokenizer=tokenizer):
+                sys.stdout.write(step.texts[0])
                 sys.stdout.flush()
-            sys.stdout.write(stream.flush() + "\n")
+            sys.stdout.write("\n")
             continue
         try:
             out = generate(model, ids, tokenizer=tokenizer, draft_model=draft, **knobs)

@@ -10,6 +10,7 @@ The model only needs the decoder protocol `model(ids, positions=..., cache=..., 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -84,6 +85,54 @@ def generate_tokens(
     return _generate_tokens(model, input_ids, config, new_tokens, attention_mask, tokenizer)
 
 
+@dataclass
+class StreamStep:
+    """One step of a text stream: each row's new token, and the text it completed.
+
+    A byte-level token can end in the middle of a UTF-8 character; its text is then held back
+    ('') until the character is complete, so no chunk ever contains a broken character. The last
+    step may carry no tokens, only the text still held back when decoding ended.
+    """
+
+    token_ids: list[int]
+    texts: list[str]
+
+
+def stream(
+    model,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    tokenizer,
+    attention_mask: torch.Tensor | None = None,
+) -> Iterator[StreamStep]:
+    """generate_tokens, with each row's incrementally decoded text (what the CLI prints)."""
+    tokens = generate_tokens(model, input_ids, config, attention_mask=attention_mask,
+                             tokenizer=tokenizer)
+    decoders = [tokenizer.stream_decoder(skip_special_tokens=True) for _ in range(len(input_ids))]
+    done = [False] * len(input_ids)
+    so_far = [""] * len(input_ids)
+    stops = config.stop_strings or []
+
+    def rows():
+        for token in tokens:
+            ids = token.tolist()
+            texts = []
+            for row, token_id in enumerate(ids):
+                texts.append("" if done[row] else decoders[row].push(token_id))
+                so_far[row] += texts[-1]
+                # A finished row (EOS, stop string) only receives padding from now on, which
+                # must not reach its text.
+                done[row] = (done[row] or token_id in config.eos_token_id
+                             or any(stop in so_far[row] for stop in stops))
+            yield StreamStep(token_ids=ids, texts=texts)
+        tail = [d.flush() for d in decoders]
+        if any(tail):
+            yield StreamStep(token_ids=[], texts=tail)
+
+    return rows()
+
+
 def stopping_criteria(config: GenerationConfig, *, batch_size: int, device, tokenizer) -> list:
     criteria = []
     if config.eos_token_id:
@@ -150,6 +199,8 @@ def generate(
     pad_token_id: int | None = None,
     tokenizer=None,
     draft_model=None,
+    num_draft_tokens: int = 4,
+    stats: dict | None = None,
     **knobs,
 ) -> torch.Tensor:
     """Prompt + generated tokens, padded like transformers' output.
@@ -157,7 +208,8 @@ def generate(
     `knobs` are GenerationConfig's fields (transformers' names: max_new_tokens, do_sample, top_p,
     num_beams, …); an unknown name is a TypeError. `eos_token_id` and `pad_token_id` default to
     the model config's; pass eos_token_id=[] to never stop early. `tokenizer` is needed for
-    `stop_strings`; `draft_model` turns on speculative decoding.
+    `stop_strings`; `draft_model` turns on speculative decoding (`num_draft_tokens` proposals per
+    round; a dict passed as `stats` receives the acceptance rate).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -182,7 +234,8 @@ def generate(
         from lmlab.generation.speculative import speculative_generate
 
         return speculative_generate(model, draft_model, input_ids, config,
-                                    attention_mask=attention_mask)
+                                    attention_mask=attention_mask,
+                                    num_draft_tokens=num_draft_tokens, stats=stats)
     if config.num_return_sequences > 1:  # sampled: each prompt repeated, as transformers does
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         if attention_mask is not None:
