@@ -7,6 +7,7 @@ side with tokens/s and quality signals.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,16 @@ def _json(flag):
         except json.JSONDecodeError as err:
             raise ConfigError(f"{flag}: not valid JSON ({err.msg}): {text!r}") from None
     return parse
+
+
+def _flag_type(parse):
+    """An argparse type from a parser raising ConfigError: argparse then shows our message."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+    return convert
 
 
 def _early_stopping(text: str):
@@ -85,6 +96,7 @@ def add_arguments(parser) -> None:
                         help="compare strategies side by side (default: a standard set), e.g. "
                              "greedy={} 'nucleus={\"do_sample\": true, \"top_p\": 0.9}'")
     for name, (kind, help_text) in KNOBS.items():
+        kind = kind if kind in (int, float) else _flag_type(kind)
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
 
 

@@ -107,11 +107,12 @@ class GenerationConfig:
             )
         return self.max_length - prompt_len
 
-    def logits_processors(self, *, prompt_len: int) -> list:
-        """Processors then (when sampling) warpers, in transformers' order."""
+    def logits_processors(self, *, prompt_len: int, attention_mask=None) -> list:
+        """Processors then (when sampling) warpers, in transformers' order. `attention_mask`
+        (B, prompt_len) keeps left padding out of the repetition penalty, as in transformers."""
         from lmlab.generation.processors import build_logits_processors
 
-        return build_logits_processors(self, prompt_len=prompt_len)
+        return build_logits_processors(self, prompt_len=prompt_len, attention_mask=attention_mask)
 
 
 def _check(condition: bool, message: str) -> None:

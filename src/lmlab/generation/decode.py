@@ -10,6 +10,7 @@ The model only needs the decoder protocol `model(ids, positions=..., cache=..., 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -18,6 +19,7 @@ import torch
 from lmlab.generation.config import GenerationConfig
 from lmlab.generation.processors import apply_processors
 from lmlab.generation.stopping import EosCriterion, StopStringCriterion
+from lmlab.models.layers import packed_inference
 
 
 def prefill(model, input_ids, cache, attention_mask=None) -> torch.Tensor:
@@ -142,14 +144,18 @@ def stopping_criteria(config: GenerationConfig, *, batch_size: int, device, toke
     return criteria
 
 
-@torch.inference_mode()
 def _generate_tokens(model, input_ids, config, new_tokens, attention_mask, tokenizer):
     if new_tokens == 0:
         return
+    with torch.inference_mode(), packed_inference(model):
+        yield from _decode_loop(model, input_ids, config, new_tokens, attention_mask, tokenizer)
+
+
+def _decode_loop(model, input_ids, config, new_tokens, attention_mask, tokenizer):
     batch, prompt_len = input_ids.shape
     total = prompt_len + new_tokens
     device = input_ids.device
-    processors = config.logits_processors(prompt_len=prompt_len)
+    processors = config.logits_processors(prompt_len=prompt_len, attention_mask=attention_mask)
     criteria = stopping_criteria(config, batch_size=batch, device=device, tokenizer=tokenizer)
     sampler = TokenSampler(do_sample=config.do_sample, seed=config.seed, batch_size=batch,
                            device=device)
@@ -224,6 +230,15 @@ def generate(
     )
     if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer: generate(..., tokenizer=tok)")
+    with packed_inference(model), (packed_inference(draft_model) if draft_model is not None
+                                   else contextlib.nullcontext()):
+        return _dispatch(model, input_ids, config, attention_mask=attention_mask,
+                         tokenizer=tokenizer, draft_model=draft_model,
+                         num_draft_tokens=num_draft_tokens, stats=stats)
+
+
+def _dispatch(model, input_ids, config, *, attention_mask, tokenizer, draft_model,
+              num_draft_tokens, stats) -> torch.Tensor:
     if config.num_beams > 1:
         if draft_model is not None:
             raise ValueError("speculative decoding (draft_model) does not combine with num_beams > 1")

@@ -62,7 +62,7 @@ class SequenceBias:
             if not isinstance(seq, tuple) or not seq or not all(_is_int(t) and t >= 0 for t in seq):
                 raise ValueError(f"{name} keys must be non-empty tuples of token ids >= 0, "
                                  f"got {seq!r}")
-            if not (_is_real(bias) or bias == NEG_INF):
+            if not _is_real(bias):
                 raise ValueError(f"{name}[{seq!r}] must be a number, got {bias!r}")
         self.sequence_bias = {seq: float(bias) for seq, bias in sequence_bias.items()}
         self.name = name
@@ -92,7 +92,9 @@ class SequenceBias:
         if self._prepared is None or self._prepared[:2] != (scores.shape[-1], scores.device):
             self._prepare(scores)
         _, _, single, multi = self._prepared
-        bias = torch.zeros_like(scores)
+        if not multi:
+            return scores + single.to(scores.dtype)
+        bias = torch.zeros_like(scores)  # summed first, then added: transformers' rounding
         bias += single
         for prefixes, last_tokens, biases in multi:
             length = prefixes.shape[1]
@@ -106,7 +108,9 @@ class SequenceBias:
 class NoBadWords:
     """Never produce a banned sequence: a one-token entry is always banned, a longer one when its
     prefix ends `input_ids`. Entries that are just an EOS id are dropped, as transformers does
-    (banning EOS would make stopping impossible). [NoBadWordsLogitsProcessor]"""
+    (banning EOS would make stopping impossible). Unlike transformers 5.24, which silently ignores
+    an empty entry `[]`, we reject it: it bans nothing, so it is most likely a mistake.
+    [NoBadWordsLogitsProcessor]"""
 
     def __init__(self, bad_words_ids: list[list[int]], *, eos_token_id: Sequence[int] = ()):
         if not isinstance(bad_words_ids, list) or not bad_words_ids:
@@ -120,8 +124,10 @@ class NoBadWords:
                 raise ValueError(f"bad_words_ids entries must hold token ids >= 0, got {word!r}")
         eos = set(eos_token_id)
         kept = [w for w in bad_words_ids if not (len(w) == 1 and w[0] in eos)]
-        # Only EOS entries (transformers then fails on an empty sequence_bias): nothing to ban.
-        self.bias = SequenceBias({tuple(w): NEG_INF for w in kept}, name="bad_words_ids") if kept else None
+        # Only EOS entries: nothing to ban (transformers builds a processor that adds zeros).
+        self.bias = None
+        if kept:
+            self.bias = SequenceBias({tuple(w): NEG_INF for w in kept}, name="bad_words_ids")
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores if self.bias is None else self.bias(input_ids, scores)
@@ -132,7 +138,8 @@ class LogitBias:
 
     def __init__(self, logit_bias: dict[int, float]):
         if not isinstance(logit_bias, dict) or not logit_bias:
-            raise ValueError(f"logit_bias must be a non-empty dict {{token_id: bias}}, got {logit_bias!r}")
+            raise ValueError(f"logit_bias must be a non-empty dict {{token_id: bias}}, "
+                             f"got {logit_bias!r}")
         for token, bias in logit_bias.items():
             if not _is_int(token) or token < 0:
                 raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
@@ -143,7 +150,8 @@ class LogitBias:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         vocab = scores.shape[-1]
-        if self._dense is None or self._dense.shape[0] != vocab or self._dense.device != scores.device:
+        dense = self._dense
+        if dense is None or dense.shape[0] != vocab or dense.device != scores.device:
             too_big = sorted(t for t in self.logit_bias if t >= vocab)
             if too_big:
                 raise ValueError(f"logit_bias uses token ids {too_big}, outside the model's "
@@ -175,11 +183,15 @@ class FrequencyPresencePenalty:
         if generated.shape[1] == 0:
             return scores
         vocab = scores.shape[-1]
-        counts = torch.zeros(scores.shape[0], vocab + 1, dtype=scores.dtype, device=scores.device)
-        ones = torch.ones(generated.shape, dtype=scores.dtype, device=scores.device)
-        counts = counts.scatter_add_(1, generated.clamp(max=vocab), ones)[:, :vocab]
-        penalty = self.frequency_penalty * counts + self.presence_penalty * (counts > 0).to(scores.dtype)
-        return scores - penalty
+        generated = generated.clamp(max=vocab)  # ids past the output head: a spare column
+        # Two scatters over the generated positions, not several passes over the vocabulary:
+        # set the presence penalty once per distinct token, then add frequency per occurrence.
+        penalty = torch.zeros(scores.shape[0], vocab + 1, dtype=scores.dtype, device=scores.device)
+        penalty.scatter_(1, generated, self.presence_penalty)
+        frequency = torch.full(generated.shape, self.frequency_penalty, dtype=scores.dtype,
+                               device=scores.device)
+        penalty.scatter_add_(1, generated, frequency)
+        return scores - penalty[:, :vocab]
 
 
 class RepetitionPenalty:
@@ -210,8 +222,14 @@ class RepetitionPenalty:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             skipped = positions[None, :] < ignore.to(input_ids.device)[:, None]
             input_ids = input_ids.masked_fill(skipped, vocab)  # the spare column, dropped
-        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-        return torch.where(_token_mask(input_ids, vocab), penalised, scores)
+        # Penalise only the (B, S) gathered scores, not the whole (B, V) vocabulary. The spare
+        # column past the vocabulary absorbs ignored positions and ids past the output head.
+        ids = input_ids.clamp(max=vocab)
+        padded = torch.nn.functional.pad(scores, (0, 1))
+        seen = padded.gather(1, ids)
+        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        # contiguous: callers may .view() the scores (beam search does)
+        return padded.scatter_(1, ids, seen)[:, :vocab].contiguous()
 
 
 class NoRepeatNGram:
@@ -250,13 +268,16 @@ class MinNewTokens:
         self.min_new_tokens = min_new_tokens
         self.prompt_len = prompt_len
         self.eos_token_id = list(eos_token_id)
+        self._mask = None  # (V,) bool, built at the first call; EOS ids >= V are ignored
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] - self.prompt_len >= self.min_new_tokens:
             return scores
-        vocab = scores.shape[-1]
-        eos = torch.tensor(self.eos_token_id, dtype=torch.long, device=scores.device)
-        return scores.masked_fill(torch.isin(torch.arange(vocab, device=scores.device), eos), NEG_INF)
+        vocab, device = scores.shape[-1], scores.device
+        if self._mask is None or self._mask.shape[0] != vocab or self._mask.device != device:
+            eos = torch.tensor(self.eos_token_id, dtype=torch.long, device=device)
+            self._mask = torch.isin(torch.arange(vocab, device=device), eos)
+        return scores.masked_fill(self._mask, NEG_INF)
 
 
 # -- sampling warpers --------------------------------------------------------------------------
@@ -431,7 +452,8 @@ def build_logits_processors(config, *, prompt_len: int,
         out.append(repetition)
     ngram = config.no_repeat_ngram_size
     if not _is_int(ngram) or ngram < 0:
-        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 turns it off), got {ngram!r}")
+        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 turns it off), "
+                         f"got {ngram!r}")
     if ngram > 0:
         out.append(NoRepeatNGram(ngram))
     if config.bad_words_ids is not None:

@@ -158,7 +158,8 @@ class _Decoder:
         self.target, self.draft, self.k, self.counts = target, draft, k, counts
         self.prompt_len, self.new_tokens = prompt_len, new_tokens
         self.do_sample = config.do_sample
-        self.processors = config.logits_processors(prompt_len=prompt_len)
+        self.processors = config.logits_processors(prompt_len=prompt_len,
+                                                   attention_mask=attention_mask)
         self.sampler = TokenSampler(do_sample=config.do_sample, seed=config.seed,
                                     batch_size=batch, device=device)
         pad = config.pad_token_id

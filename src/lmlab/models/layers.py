@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,30 +35,51 @@ PACKED_MIN_ROWS = 2
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) that decodes faster on CPU.
 
-    Decoding multiplies a handful of rows (1 token, 5 beams, 16 prompts) by every weight matrix.
-    On CPUs without a fast small-M GEMM path, BLAS runs those products far below memory
-    bandwidth; oneDNN with the weight reordered once into its blocked layout ("prepacked", as
-    torch.compile's CPU freezing does) runs them several times faster. The packed copy is made on
-    first use in inference (no autograd, fp32, CPU) and remade whenever the weight changes
-    (tracked by its version counter); training and autograd always use plain F.linear.
-    It costs a second copy of the weight in memory while the model is used for inference.
+    Decoding multiplies a handful of rows (5 beams, 16 prompts) by every weight matrix. On CPUs
+    without a fast small-M GEMM path, BLAS runs those products far below memory bandwidth;
+    oneDNN with the weight reordered once into its blocked layout ("prepacked", as
+    torch.compile's CPU freezing does) runs them several times faster. The packed copy exists
+    only inside `packed_inference(model)` — the decoding functions enter it — and is dropped on
+    exit, so weights can never be stale and no second copy is held outside decoding. Autograd
+    and training always use plain F.linear.
     """
 
     _packed: torch.Tensor | None = None
-    _packed_key: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (ONEDNN and x.device.type == "cpu" and w.dtype == torch.float32 and x.dtype == w.dtype
-                and not torch.is_grad_enabled() and x.numel() >= PACKED_MIN_ROWS * x.shape[-1]):
-            key = (w.data_ptr(), w._version)
-            if self._packed_key != key:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-                self._packed_key = key
+        if (self._packed is not None and not torch.is_grad_enabled()
+                and x.numel() >= PACKED_MIN_ROWS * x.shape[-1]):
             flat = x.reshape(-1, x.shape[-1])
             out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self.bias, "none", [], "")
             return out.view(*x.shape[:-1], out.shape[-1])
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def packed_inference(model: nn.Module):
+    """Within this block, CPU fp32 `Linear` layers of `model` multiply with prepacked weights.
+
+    Re-entrant (speculative decoding nests the target's and the draft's blocks; generate() nests
+    its strategies'): the outermost block packs and unpacks.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    usable = ONEDNN and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+                            for m in layers)
+    outermost = usable and getattr(model, "_packed_depth", 0) == 0
+    if usable:
+        model._packed_depth = getattr(model, "_packed_depth", 0) + 1
+    try:
+        if outermost:
+            with torch.no_grad():
+                for m in layers:
+                    m._packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+        yield model
+    finally:
+        if usable:
+            model._packed_depth -= 1
+        if outermost:
+            for m in layers:
+                m._packed = None
 
 
 def attention(

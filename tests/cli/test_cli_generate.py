@@ -1,0 +1,83 @@
+"""`lmlab generate`: every knob reaches generate(), prompts from files, --compare's table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmlab.cli.generate import KNOBS
+from lmlab.generation import GenerationConfig, generate
+from lmlab.models import GPT, GPTConfig, from_pretrained
+from lmlab.tokenizer import Tokenizer
+
+from test_cli_errors import assert_usage_error, run_cli  # noqa: E402  (same folder)
+
+TEXT = "def add(a, b):\n    return a + b\n\nclass Stack:\n    pass\n"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("model")
+    tok = Tokenizer.char_level(TEXT)
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                  eos_token_id=tok.eos_token_id)).save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
+def test_every_cli_knob_is_a_generation_config_field():
+    fields = set(GenerationConfig.__dataclass_fields__)
+    assert set(KNOBS) <= fields
+    # the knobs not in the table have their own flags
+    assert fields - set(KNOBS) == {"do_sample", "stop_strings"}
+
+
+def test_cli_output_equals_the_library_call(capsys, model_dir):
+    code, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--prompt", "def ",
+                           "--max-new-tokens", "12", "--do-sample", "--top-k", "5",
+                           "--repetition-penalty", "1.2", "--seed", "7")
+    assert code == 0
+    model, tok = from_pretrained(model_dir), Tokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tok.encode("def ")])
+    expected = generate(model, ids, max_new_tokens=12, do_sample=True, top_k=5,
+                        repetition_penalty=1.2, seed=7)
+    assert out == "def " + tok.decode(expected[0, 4:].tolist(), skip_special_tokens=True) + "\n"
+
+
+def test_prompts_from_a_file_and_beam_search(capsys, model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def \nclass \n")
+    code, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--prompt-file", prompts,
+                           "--max-new-tokens", "6", "--num-beams", "3", "--num-return-sequences", "2")
+    assert code == 0
+    lines = [line for line in out.splitlines() if line]
+    assert sum(line.startswith("def ") for line in lines) == 2
+    assert sum(line.startswith("class ") for line in lines) == 2
+
+
+def test_compare_prints_every_strategy_with_its_figures(capsys, model_dir):
+    code, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--prompt", "def ",
+                           "--max-new-tokens", "8", "--compare", "greedy={}",
+                           'hot={"do_sample": true, "temperature": 1.5}')
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("| greedy") or line.startswith("| hot")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1].replace(",", "")) > 0  # tokens/s
+        assert float(cells[2]) < 0  # a mean log-probability
+        assert 0 <= float(cells[3]) <= 1 and 0 <= float(cells[4]) <= 1
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--logit-bias", "{1: 2}"], ["--logit-bias", "JSON"]),
+    (["--early-stopping", "maybe"], ["--early-stopping"]),
+    (["--length-penalty", "2.0"], ["length_penalty", "--num-beams"]),
+    (["--compare", "x=[1]"], ["--compare x"]),
+    (["--prompt-file", "/nonexistent/prompts.txt"], ["--prompt-file"]),
+])
+def test_bad_generate_flags(capsys, model_dir, argv, names):
+    assert_usage_error(capsys, "generate", "--model", model_dir, "--prompt", "def ", *argv,
+                       names=names)
