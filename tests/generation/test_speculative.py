@@ -188,7 +188,7 @@ def test_processors_see_each_rows_own_sequence(models):
     target = models["target"]
     ids, mask = batch_of("three_left_padded")
     config = GenerationConfig(max_new_tokens=NEW, eos_token_id=[])
-    config.logits_processors = lambda *, prompt_len: [ban_repeats]
+    config.logits_processors = lambda *, prompt_len, attention_mask=None: [ban_repeats]
     expected = torch.cat([ids, torch.stack(list(
         generate_tokens(target, ids, config, attention_mask=mask)), dim=1)], dim=1)
     plain = generate(target, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[])
