@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from lmlab.generation.config import GenerationConfig
 from lmlab.generation.decode import TokenSampler, decode_one_token, prefill
 from lmlab.generation.processors import apply_processors
+from lmlab.models.layers import packed_inference
 
 # transformers' "impossible" score. It is added (not assigned), so scores stay ordered beneath it.
 NEG = -1.0e9
@@ -67,7 +68,7 @@ def beam_search(
         )
     if new_tokens == 0:
         return input_ids.repeat_interleave(config.num_return_sequences, dim=0)
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_inference(model):  # re-entrant: generate() enters it too
         return _beam_search(model, input_ids, config, attention_mask, total)
 
 
@@ -75,7 +76,6 @@ def _beam_search(model, input_ids, config, attention_mask, total) -> torch.Tenso
     batch, prompt_len = input_ids.shape
     num_beams, device = config.num_beams, input_ids.device
     beams = BeamState(input_ids, config, total=total)
-    processors = config.logits_processors(prompt_len=prompt_len)
     draw = _CandidateSampler(config, batch=batch, device=device) if config.do_sample else None
 
     mask = None
@@ -83,6 +83,10 @@ def _beam_search(model, input_ids, config, attention_mask, total) -> torch.Tenso
         # One row per beam; generated tokens are always attended to.
         mask = torch.ones(batch * num_beams, total, dtype=attention_mask.dtype, device=device)
         mask[:, :prompt_len] = attention_mask.repeat_interleave(num_beams, dim=0)
+    # With the per-beam prompt mask, so that the repetition penalty skips left padding.
+    processors = config.logits_processors(
+        prompt_len=prompt_len, attention_mask=None if mask is None else mask[:, :prompt_len]
+    )
     cache = model.new_cache(batch, total)
     logits = prefill(model, input_ids, cache, None if mask is None else attention_mask)
     # All beams of a prompt start equal: prefill once per prompt, then copy rows per beam.

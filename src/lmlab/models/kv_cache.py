@@ -47,6 +47,13 @@ class KVCache:
         self.length = length
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search keeps the surviving beams)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+        """Select batch rows: beam search keeps the surviving beams each step (in place, copying
+        only the filled positions — no new full-length buffers per step), or expands each
+        prompt's rows to its beams once (a new batch size, so new buffers)."""
+        if index.numel() != self.keys[0].shape[0]:
+            self.keys = [k.index_select(0, index) for k in self.keys]
+            self.values = [v.index_select(0, index) for v in self.values]
+            return
+        n = self.length
+        for buffer in (*self.keys, *self.values):
+            buffer[:, :, :n] = buffer[:, :, :n].index_select(0, index)
