@@ -12,6 +12,8 @@ import torch
 
 from lmlab.cli import main
 
+from test_cli_errors import run_cli  # noqa: E402  (same folder)
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
               "--batch_size", "8", "--tensorboard", "false", "--no-progress"]
@@ -20,16 +22,6 @@ TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size
 @pytest.fixture(autouse=True)
 def _one_thread(single_thread):
     """Tiny models on a shared 2-core machine: one intra-op thread (see conftest)."""
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def python_like_corpus(lines: int = 200) -> str:

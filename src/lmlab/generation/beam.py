@@ -59,13 +59,8 @@ def beam_search(
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
     prompt_len = input_ids.shape[1]
-    new_tokens = config.new_tokens_for(prompt_len)
+    new_tokens = config.budget(prompt_len, model=model)
     total = prompt_len + new_tokens
-    if total > model.config.n_positions:
-        raise ValueError(
-            f"prompt ({prompt_len} tokens) + {new_tokens} new tokens = {total} exceeds the "
-            f"model's context window of {model.config.n_positions} tokens"
-        )
     if new_tokens == 0:
         return input_ids.repeat_interleave(config.num_return_sequences, dim=0)
     with torch.inference_mode(), packed_inference(model):  # re-entrant: generate() enters it too

@@ -107,6 +107,19 @@ class GenerationConfig:
             )
         return self.max_length - prompt_len
 
+    def budget(self, prompt_len: int, *, model, name: str = "") -> int:
+        """New tokens to generate after a prompt of `prompt_len`, checked against the model's
+        context window (every strategy checks here, before any work)."""
+        new_tokens = self.new_tokens_for(prompt_len)
+        total = prompt_len + new_tokens
+        if total > model.config.n_positions:
+            whose = f"the {name} model's" if name else "the model's"
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + {new_tokens} new tokens = {total} exceeds "
+                f"{whose} context window of {model.config.n_positions} tokens"
+            )
+        return new_tokens
+
     def logits_processors(self, *, prompt_len: int, attention_mask=None) -> list:
         """Processors then (when sampling) warpers, in transformers' order. `attention_mask`
         (B, prompt_len) keeps left padding out of the repetition penalty, as in transformers."""

@@ -74,14 +74,7 @@ def generate_tokens(
     every row is done or the length budget is spent. Lengths are checked here, at the call, not
     at the first `next()`.
     """
-    prompt_len = input_ids.shape[1]
-    new_tokens = config.new_tokens_for(prompt_len)
-    total = prompt_len + new_tokens
-    if total > model.config.n_positions:
-        raise ValueError(
-            f"prompt ({prompt_len} tokens) + {new_tokens} new tokens = {total} exceeds the "
-            f"model's context window of {model.config.n_positions} tokens"
-        )
+    new_tokens = config.budget(input_ids.shape[1], model=model)
     if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer: pass tokenizer=...")
     return _generate_tokens(model, input_ids, config, new_tokens, attention_mask, tokenizer)

@@ -57,14 +57,8 @@ def speculative_generate(
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
-    new_tokens = config.new_tokens_for(input_ids.shape[1])
-    for name, model in (("target", target), ("draft", draft)):
-        total = input_ids.shape[1] + new_tokens
-        if total > model.config.n_positions:
-            raise ValueError(
-                f"prompt ({input_ids.shape[1]} tokens) + {new_tokens} new tokens = {total} "
-                f"exceeds the {name} model's context window of {model.config.n_positions} tokens"
-            )
+    new_tokens = config.budget(input_ids.shape[1], model=target, name="target")
+    config.budget(input_ids.shape[1], model=draft, name="draft")
     counts = {"proposed": 0, "accepted": 0, "target_calls": 0}
     if new_tokens == 0:
         out = input_ids
