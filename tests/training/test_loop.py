@@ -207,3 +207,29 @@ def test_time_budget_cuts_max_steps_and_the_schedule_still_decays(tmp_path):
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
            if "lr" in json.loads(x)]
     assert lrs[-1] == pytest.approx(3e-4, rel=0.05)  # the cosine reached its floor
+
+
+def test_continued_pretraining_refuses_data_from_another_tokenizer(tmp_path):
+    from lmlab.data.prepare import prepare_dataset
+    from lmlab.errors import DataError
+    from lmlab.tokenizer import Tokenizer
+    from lmlab.training.pretrain import PretrainConfig, pretrain
+
+    text = "the quick brown fox jumps over the lazy dog\n" * 200
+    (tmp_path / "a.txt").write_text(text)
+    base = tmp_path / "base"
+    tok = Tokenizer.char_level(text)
+    GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=16, n_embd=16, n_layer=1,
+                  n_head=2)).save_pretrained(base, tokenizer=tok)
+    other = Tokenizer.char_level(text + "XYZ")  # another vocabulary
+    prepare_dataset([tmp_path / "a.txt"], tokenizer=other, out_dir=tmp_path / "ds")
+    cfg = PretrainConfig(data=str(tmp_path / "ds"), init_from=str(base), block_size=8,
+                         max_steps=2, tensorboard=False)
+    with pytest.raises(DataError, match="different tokenizer"):
+        pretrain(cfg, run_dir=tmp_path / "run", progress=False)
+    # the same tokenizer is accepted, and training continues from the base weights
+    prepare_dataset([tmp_path / "a.txt"], tokenizer=tok, out_dir=tmp_path / "ds2")
+    cfg = PretrainConfig(data=str(tmp_path / "ds2"), init_from=str(base), block_size=8,
+                         max_steps=2, eval_every=0, tensorboard=False, warmup_steps=0)
+    result = pretrain(cfg, run_dir=tmp_path / "run2", progress=False)
+    assert result.result.steps == 2

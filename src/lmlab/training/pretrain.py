@@ -172,6 +172,12 @@ def pretrain(cfg: PretrainConfig, *, run_dir: str | Path, resume: bool = False,
     val = dataset.split("val") if dataset.meta.splits.get("val") and \
         dataset.meta.splits["val"].tokens > cfg.block_size else None
     model = build_model(cfg, tokenizer).to(device)
+    if cfg.init_from is not None:
+        model_tokenizer = Tokenizer.from_pretrained(cfg.init_from)
+        if model_tokenizer.fingerprint != dataset.tokenizer_fingerprint:
+            raise DataError(f"{cfg.data}: tokenized with a different tokenizer than {cfg.init_from}'s; "
+                            f"prepare it with `lmlab prepare … --tokenizer {cfg.init_from}`")
+        tokenizer = model_tokenizer
     if dataset.vocab_size > model.config.vocab_size:
         raise DataError(f"{cfg.data}: dataset vocabulary ({dataset.vocab_size}) is larger than the "
                         f"model's ({model.config.vocab_size}); prepare it with the model's tokenizer")
