@@ -31,7 +31,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="lmlab", description=__doc__.splitlines()[0])
+    parser = OneLineParser(
+        prog="lmlab",
+        description="Pretrain, fine-tune, decode and serve transformer language models.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
