@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-from lmlab.data.prepare import prepare_dataset
+from lmlab.data.prepare import build_tokenizer, prepare_dataset
 from lmlab.errors import ConfigError
-from lmlab.tokenizer import Tokenizer
 
 
 def add_arguments(parser) -> None:
@@ -18,18 +17,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from lmlab.data.sources import iter_documents
-
-    if args.tokenizer == "bpe":
-        if args.vocab_size < 257:
-            raise ConfigError(f"--vocab-size must be at least 257, got {args.vocab_size}")
-        texts = (d.text for d in iter_documents(args.sources, text_field=args.text_field))
-        tokenizer = Tokenizer.train_bpe(iterator=texts, vocab_size=args.vocab_size)
-    elif args.tokenizer == "char":
-        text = "".join(d.text for d in iter_documents(args.sources, text_field=args.text_field))
-        tokenizer = Tokenizer.char_level(text)
-    else:
-        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    if args.tokenizer == "bpe" and args.vocab_size < 257:
+        raise ConfigError(f"--vocab-size must be at least 257, got {args.vocab_size}")
+    tokenizer = build_tokenizer(args.tokenizer, args.sources, vocab_size=args.vocab_size,
+                                text_field=args.text_field)
     info = prepare_dataset(
         args.sources, tokenizer=tokenizer, out_dir=args.out, val_sources=args.val,
         val_fraction=args.val_fraction, split=args.split, text_field=args.text_field,

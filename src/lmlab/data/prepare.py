@@ -36,7 +36,7 @@ from lmlab.data.dataset import META_FILE, DatasetInfo, SplitInfo
 from lmlab.data.sources import Document, SourceArg, as_source_list, iter_documents
 from lmlab.errors import ConfigError, DataError
 
-__all__ = ["DatasetInfo", "SplitInfo", "prepare_dataset"]
+__all__ = ["DatasetInfo", "SplitInfo", "build_tokenizer", "prepare_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -267,3 +267,21 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         old.rename(out_dir)
         raise
     shutil.rmtree(old)
+
+
+def build_tokenizer(kind: str, sources, *, vocab_size: int, text_field: str = "text"):
+    """The tokenizer a dataset is prepared with: "bpe" trains a byte-level BPE on `sources`,
+    "char" makes one token per character seen in them, anything else is a tokenizer (or model)
+    directory to load."""
+    from lmlab.tokenizer import Tokenizer  # the concrete class; this module needs only a protocol
+
+    if kind == "bpe":
+        texts = (doc.text for doc in iter_documents(sources, text_field=text_field))
+        return Tokenizer.train_bpe(iterator=texts, vocab_size=vocab_size)
+    if kind == "char":
+        return Tokenizer.char_level("".join(
+            doc.text for doc in iter_documents(sources, text_field=text_field)))
+    if Path(kind).exists():
+        return Tokenizer.from_pretrained(kind)
+    raise ConfigError(f"tokenizer: expected bpe, char or a tokenizer directory, got {kind!r}")
+

@@ -120,7 +120,7 @@ class BeamState:
         self.top_nb = torch.arange(self.k, device=device) < nb  # only these may finish
         self.batch_offset = torch.arange(batch, device=device)[:, None] * nb
 
-        self.running = torch.full((batch, nb, total), _fill_value(config), dtype=torch.long,
+        self.running = torch.full((batch, nb, total), config.pad_id, dtype=torch.long,
                                   device=device)
         self.running[:, :, :prompt_len] = input_ids[:, None]
         # Only beam 0 is live at first, so the first step does not pick the same token nb times.
@@ -236,15 +236,3 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     while index.dim() < tensor.dim():
         index = index.unsqueeze(-1)
     return torch.take_along_dim(tensor, index, dim=1)
-
-
-def _fill_value(config: GenerationConfig) -> int:
-    """What pads a hypothesis shorter than the longest returned one.
-
-    transformers writes `pad_token_id or eos_token_id[0]`, so an explicit pad_token_id of 0
-    (falsy) pads with the first EOS there; we honour the pad id the caller gave, as its greedy
-    search does. Without any EOS every hypothesis has the full length and nothing is padded.
-    """
-    if config.pad_token_id is not None:
-        return config.pad_token_id
-    return config.eos_token_id[0] if config.eos_token_id else 0

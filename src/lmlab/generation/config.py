@@ -107,6 +107,17 @@ class GenerationConfig:
             )
         return self.max_length - prompt_len
 
+    @property
+    def pad_id(self) -> int:
+        """The id written after a row has finished: pad_token_id, else the first EOS, else 0.
+
+        transformers' beam search writes `pad_token_id or eos_token_id[0]`, so an explicit pad
+        id of 0 (falsy) pads with the first EOS there; every lmlab strategy honours the pad id
+        given, as transformers' greedy search does."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_id[0] if self.eos_token_id else 0
+
     def budget(self, prompt_len: int, *, model, name: str = "") -> int:
         """New tokens to generate after a prompt of `prompt_len`, checked against the model's
         context window (every strategy checks here, before any work)."""

@@ -76,7 +76,7 @@ def generate_tokens(
     """
     new_tokens = config.budget(input_ids.shape[1], model=model)
     if config.stop_strings and tokenizer is None:
-        raise ValueError("stop_strings needs the tokenizer: pass tokenizer=...")
+        raise ValueError("stop_strings needs the tokenizer: generate(..., tokenizer=tok)")
     return _generate_tokens(model, input_ids, config, new_tokens, attention_mask, tokenizer)
 
 
@@ -152,10 +152,7 @@ def _decode_loop(model, input_ids, config, new_tokens, attention_mask, tokenizer
     criteria = stopping_criteria(config, batch_size=batch, device=device, tokenizer=tokenizer)
     sampler = TokenSampler(do_sample=config.do_sample, seed=config.seed, batch_size=batch,
                            device=device)
-    pad = config.pad_token_id
-    if pad is None:
-        pad = config.eos_token_id[0] if config.eos_token_id else 0
-    pad = torch.tensor(pad, device=device)
+    pad = torch.tensor(config.pad_id, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     # The whole sequence lives in one preallocated buffer; processors see a view of it.
     sequence = torch.empty(batch, total, dtype=torch.long, device=device)
@@ -221,8 +218,6 @@ def generate(
         pad_token_id=pad_token_id,
         **knobs,
     )
-    if config.stop_strings and tokenizer is None:
-        raise ValueError("stop_strings needs the tokenizer: generate(..., tokenizer=tok)")
     with packed_inference(model), (packed_inference(draft_model) if draft_model is not None
                                    else contextlib.nullcontext()):
         return _dispatch(model, input_ids, config, attention_mask=attention_mask,

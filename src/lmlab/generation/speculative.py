@@ -156,13 +156,10 @@ class _Decoder:
                                                    attention_mask=attention_mask)
         self.sampler = TokenSampler(do_sample=config.do_sample, seed=config.seed,
                                     batch_size=batch, device=device)
-        pad = config.pad_token_id
-        if pad is None:  # as generate(): the first EOS, else 0
-            pad = config.eos_token_id[0] if config.eos_token_id else 0
-        self.pad = pad
+        self.pad = config.pad_id
         self.eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=device)
         # Room for drafts beyond a row's committed tokens, so processors can see them.
-        self.sequence = torch.full((batch, prompt_len + new_tokens + k + 1), pad,
+        self.sequence = torch.full((batch, prompt_len + new_tokens + k + 1), self.pad,
                                    dtype=torch.long, device=device)
         self.sequence[:, :prompt_len] = input_ids
         self.lengths = torch.full((batch,), prompt_len, dtype=torch.long, device=device)

@@ -16,8 +16,7 @@ import torch
 
 from lmlab.config import dump_yaml
 from lmlab.data.dataset import META_FILE, TokenDataset
-from lmlab.data.prepare import prepare_dataset
-from lmlab.data.sources import iter_documents
+from lmlab.data.prepare import build_tokenizer, prepare_dataset
 from lmlab.errors import ConfigError, DataError
 from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.models.hf import atomic_write_bytes, from_pretrained
@@ -99,20 +98,6 @@ class PretrainConfig:
         )
 
 
-def _build_tokenizer(cfg: PretrainConfig, sources: list[str]) -> Tokenizer:
-    if cfg.init_from is not None:
-        return Tokenizer.from_pretrained(cfg.init_from)
-    if cfg.tokenizer == "bpe":
-        texts = (doc.text for doc in iter_documents(sources))
-        return Tokenizer.train_bpe(iterator=texts, vocab_size=cfg.vocab_size)
-    if cfg.tokenizer == "char":
-        text = "".join(doc.text for doc in iter_documents(sources))
-        return Tokenizer.char_level(text)
-    if Path(cfg.tokenizer).exists():
-        return Tokenizer.from_pretrained(cfg.tokenizer)
-    raise ConfigError(f"tokenizer: expected bpe, char or a tokenizer directory, got {cfg.tokenizer!r}")
-
-
 def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDataset, Tokenizer]:
     """A prepared dataset is used as is; raw text is prepared once into RUN_DIR/data."""
     if cfg.data is None:
@@ -124,7 +109,8 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
         directory = run_dir / "data"
         if not (directory / META_FILE).is_file():
             sources = [cfg.data]
-            tokenizer = _build_tokenizer(cfg, sources)
+            tokenizer = (Tokenizer.from_pretrained(cfg.init_from) if cfg.init_from is not None
+                         else build_tokenizer(cfg.tokenizer, sources, vocab_size=cfg.vocab_size))
             prepare_dataset(sources, tokenizer=tokenizer, out_dir=directory,
                             val_fraction=cfg.val_fraction)
     dataset = TokenDataset.open(directory)
