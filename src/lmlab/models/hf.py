@@ -9,6 +9,7 @@ lmlab checkpoint *is* a Hugging Face checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -18,8 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lmlab.errors import CheckpointError
+from lmlab.errors import CheckpointError, ConfigError
+from lmlab.models import bert
 from lmlab.models.gpt import GPT, GPTConfig
+
+log = logging.getLogger(__name__)
 
 # -- GPT-2 tables ------------------------------------------------------------------------------
 # HF config key -> GPTConfig field.
@@ -126,6 +130,178 @@ def gpt2_state_dict_from_hf(hf_state: dict[str, torch.Tensor], where: str) -> di
     return out
 
 
+# -- BERT tables -------------------------------------------------------------------------------
+# HF config keys that are BertConfig fields under the same name.
+BERT_CONFIG_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "initializer_range", "pad_token_id", "classifier_dropout",
+)
+BERT_REQUIRED_VALUES = {
+    "position_embedding_type": "absolute",
+    "is_decoder": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+# chunk_size_feed_forward only splits the FFN computation; problem_type concerns the loss, which
+# lives in lmlab's tasks; the rest is bookkeeping.
+BERT_IGNORED_KEYS = HF_IGNORED_KEYS | {
+    "num_labels", "chunk_size_feed_forward", "bos_token_id", "eos_token_id", "directionality",
+    "output_past", "pooler_fc_size", "pooler_num_attention_heads", "pooler_num_fc_layers",
+    "pooler_size_per_head", "pooler_type", "problem_type",
+}
+# HF's separate query/key/value are our one `qkv` (concatenated along the output dimension).
+BERT_QKV = ("query", "key", "value")
+# Buffers and tied aliases that checkpoints may carry; never loaded.
+BERT_SKIPPED = ("embeddings.position_ids", "embeddings.token_type_ids",
+                "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+# Names of the original TensorFlow-converted checkpoints.
+BERT_LEGACY_RENAMES = ((".gamma", ".weight"), (".beta", ".bias"))
+
+
+def bert_config_from_hf(hf: dict[str, Any], where: str, **overrides) -> bert.BertConfig:
+    values: dict[str, Any] = {}
+    for key, value in hf.items():
+        if key in BERT_CONFIG_KEYS:
+            values[key] = value
+        elif key in BERT_REQUIRED_VALUES:
+            if value != BERT_REQUIRED_VALUES[key]:
+                raise CheckpointError(
+                    f"{where}: '{key}': {json.dumps(value)} is not supported by lmlab "
+                    f"(only {json.dumps(BERT_REQUIRED_VALUES[key])})"
+                )
+        elif key not in BERT_IGNORED_KEYS:
+            raise CheckpointError(f"{where}: config option '{key}' is not supported by lmlab")
+    id2label = hf.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        try:
+            values["id2label"] = [id2label[k] for k in sorted(id2label, key=int)]
+        except ValueError:
+            raise CheckpointError(f"{where}: id2label keys must be integers, got {sorted(id2label)}") from None
+    elif isinstance(hf.get("num_labels"), int):
+        values["num_labels"] = hf["num_labels"]
+    values.update(overrides)
+    try:
+        return bert.BertConfig(**values)
+    except (TypeError, ConfigError) as err:
+        raise CheckpointError(f"{where}: {err}") from None
+
+
+def bert_config_to_hf(model: bert.BertPreTrainedModel) -> dict[str, Any]:
+    config = model.config
+    hf: dict[str, Any] = {key: getattr(config, key) for key in BERT_CONFIG_KEYS}
+    hf.update(BERT_REQUIRED_VALUES)
+    # transformers sizes BertForQuestionAnswering's head by num_labels too: it must stay 2 there.
+    num_labels = config.num_labels if isinstance(model, bert.BertForSequenceClassification) else 2
+    labels = (config.id2label if config.id2label and num_labels == config.num_labels
+              else [f"LABEL_{i}" for i in range(num_labels)])
+    hf.update(
+        architectures=[type(model).__name__], model_type="bert", dtype="float32",
+        id2label={str(i): label for i, label in enumerate(labels)},
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    return hf
+
+
+def bert_state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        if ".attention.self.qkv." in name:
+            stem, kind = name.split(".qkv.")
+            for part, piece in zip(BERT_QKV, tensor.chunk(3, dim=0)):
+                out[f"{stem}.{part}.{kind}"] = piece.contiguous()
+        else:
+            out[name] = tensor.contiguous()
+    return out
+
+
+def bert_state_dict_from_hf(hf_state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    out, parts = {}, {}
+    for name, tensor in hf_state.items():
+        for old, new in BERT_LEGACY_RENAMES:
+            if name.endswith(old) and "LayerNorm" in name:
+                name = name[: -len(old)] + new
+        if name.endswith(BERT_SKIPPED):
+            continue
+        stem, _, kind = name.rpartition(".")
+        layer_part = stem.rpartition(".")
+        if layer_part[2] in BERT_QKV and layer_part[0].endswith(".attention.self"):
+            parts.setdefault(f"{layer_part[0]}.qkv.{kind}", {})[layer_part[2]] = tensor
+            continue
+        out[name] = tensor
+    for name, pieces in parts.items():
+        if set(pieces) != set(BERT_QKV):
+            missing = sorted(set(BERT_QKV) - set(pieces))
+            raise CheckpointError(f"{where}: {name.replace('qkv', missing[0])} is missing")
+        out[name] = torch.cat([pieces[p] for p in BERT_QKV], dim=0)
+    return out
+
+
+def _bert_architecture(config: dict[str, Any], where: str) -> type[bert.BertPreTrainedModel]:
+    names = config.get("architectures") or ["BertModel"]
+    if names[0] not in bert.ARCHITECTURES:
+        raise CheckpointError(
+            f"{where}: architecture {names[0]!r} is not supported (lmlab loads "
+            f"{', '.join(bert.ARCHITECTURES)}); to reuse its encoder, use e.g. "
+            "BertForSequenceClassification.from_encoder(path)"
+        )
+    return bert.ARCHITECTURES[names[0]]
+
+
+def _with_encoder_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A plain encoder checkpoint names its weights `embeddings.…`; a task model `bert.embeddings.…`.
+    Rename the checkpoint's encoder weights to what `model` expects."""
+    wants_prefix = hasattr(model, "bert")
+    out = {}
+    for name, tensor in state.items():
+        has_prefix = name.startswith("bert.")
+        if wants_prefix and not has_prefix and name.split(".")[0] in ("embeddings", "encoder", "pooler"):
+            name = "bert." + name
+        elif not wants_prefix and has_prefix:
+            name = name[len("bert."):]
+        out[name] = tensor
+    return out
+
+
+def load_bert(directory: Path, config_dict: dict[str, Any], *, dtype, device) -> torch.nn.Module:
+    where = str(directory / "config.json")
+    cls = _bert_architecture(config_dict, where)
+    config = bert_config_from_hf(config_dict, where)
+    with torch.device("meta"):
+        model = cls(config)  # no memory, no init: the checkpoint fills every weight
+    state = bert_state_dict_from_hf(read_state_dict(directory), str(directory))
+    if cls is bert.BertModel and "pooler.dense.weight" not in state and \
+            not any(k.startswith("bert.pooler.") for k in state):
+        model.pooler = None  # an encoder saved without its pooler (HF add_pooling_layer=False)
+    load_into(model, _with_encoder_prefix(state, model), str(directory), dtype)
+    return model.to(device).eval()
+
+
+def load_bert_encoder(cls: type[bert.BertPreTrainedModel], directory: Path,
+                      overrides: dict[str, Any]) -> bert.BertPreTrainedModel:
+    """`cls` built on the checkpoint's config (plus `overrides`, e.g. id2label), filled with every
+    checkpoint weight whose name and shape it shares; the encoder must be complete."""
+    config_dict = read_config(directory)
+    where = str(directory / "config.json")
+    if config_dict.get("model_type") != "bert":
+        raise CheckpointError(f"{where}: model_type {config_dict.get('model_type')!r}; expected a BERT checkpoint")
+    model = cls(bert_config_from_hf(config_dict, where, **overrides))
+    state = _with_encoder_prefix(bert_state_dict_from_hf(read_state_dict(directory), str(directory)), model)
+    expected = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
+    encoder = [k for k in expected if ".pooler." not in f".{k}" and
+               k.split(".")[0 if cls is bert.BertModel else 1] in ("embeddings", "encoder")]
+    missing = [k for k in encoder if k not in usable]
+    if missing:
+        raise CheckpointError(f"{directory}: encoder weights missing or of another shape: "
+                              f"{missing[:5]}{' …' if len(missing) > 5 else ''}")
+    model.load_state_dict(usable, strict=False)
+    fresh = sorted(set(expected) - set(usable))
+    if fresh:
+        log.info("%s: newly initialised (not in %s): %s", cls.__name__, directory, ", ".join(fresh))
+    return model.float()
+
+
 # -- reading and writing directories -----------------------------------------------------------
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
@@ -223,11 +399,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def save_pretrained(model: GPT, directory, *, tokenizer=None) -> None:
+def to_hf(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json dict, HF-named fp32 state dict) for any lmlab model."""
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    if isinstance(model, GPT):
+        return gpt2_config_to_hf(model.config), gpt2_state_dict_to_hf(state, model.config)
+    if isinstance(model, bert.BertPreTrainedModel):
+        return bert_config_to_hf(model), bert_state_dict_to_hf(state)
+    raise TypeError(f"cannot save a {type(model).__name__} in the Hugging Face layout")
+
+
+def save_pretrained(model: torch.nn.Module, directory, *, tokenizer=None) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    hf_state = gpt2_state_dict_to_hf(state, model.config)
+    hf_config, hf_state = to_hf(model)
     # Weights first, config last: a directory whose config.json exists is a complete checkpoint.
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.safetensors.", suffix=".tmp")
     os.close(fd)
@@ -239,11 +424,11 @@ def save_pretrained(model: GPT, directory, *, tokenizer=None) -> None:
         raise
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    config = json.dumps(gpt2_config_to_hf(model.config), indent=2, sort_keys=True) + "\n"
+    config = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
     atomic_write_bytes(directory / "config.json", config.encode())
 
 
-LOADERS = {"gpt2": load_gpt}
+LOADERS = {"gpt2": load_gpt, "bert": load_bert}
 
 
 def from_pretrained(path, *, dtype: torch.dtype = torch.float32, device=None) -> torch.nn.Module:
