@@ -1,5 +1,6 @@
-"""Tokenizers: a thin wrapper over the `tokenizers` library (byte-level BPE, char-level, HF files)."""
+"""Tokenizers: a thin wrapper over the `tokenizers` library (byte-level BPE, WordPiece, char-level, HF files)."""
 
+from lmlab.tokenizer.encoding import EncodedBatch, Encoding
 from lmlab.tokenizer.tokenizer import StreamDecoder, Tokenizer
 
-__all__ = ["StreamDecoder", "Tokenizer"]
+__all__ = ["EncodedBatch", "Encoding", "StreamDecoder", "Tokenizer"]

@@ -1,9 +1,10 @@
 """A thin wrapper over a `tokenizers.Tokenizer` that also knows its special tokens.
 
 The `tokenizers` library does the real work (training, encoding, the `tokenizer.json` format);
-this module only picks GPT-2's byte-level BPE settings, builds a char-level vocabulary for
-char-LM experiments, reads and writes the Hugging Face files, and turns the library's bare
-exceptions into `lmlab.errors` that name the input at fault.
+this module only picks GPT-2's byte-level BPE settings or BERT's WordPiece pipeline (see
+`wordpiece.py`), builds a char-level vocabulary for char-LM experiments, reads and writes the
+Hugging Face files, and turns the library's bare exceptions into `lmlab.errors` that name the
+input at fault. Text pairs for encoders are encoded by `encoding.py`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as Backend
 
 from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
+from lmlab.tokenizer import wordpiece
+from lmlab.tokenizer.encoding import EncodedBatch, Encoding, Padding, Truncation, encode_pairs
 
 END_OF_TEXT = "<|endoftext|>"
-_ROLES = ("bos", "eos", "pad", "unk")
+_ROLES = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")
+# Roles a GPT-2 tokenizer does not have: written to tokenizer_config.json only when set, so a
+# BPE tokenizer's files stay exactly as before.
+_ENCODER_ROLES = ("cls", "sep", "mask")
 # Oniguruma's "." does not match "\n", so "\n\n" would become one (unknown) piece.
 _ANY_CHAR = Regex(r"[\s\S]")
 # transformers writes this VERY_LARGE_INTEGER to mean "no known maximum length".
@@ -30,13 +36,17 @@ _NO_MAX_LENGTH = int(1e30)
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus its bos/eos/pad/unk tokens and optional `model_max_length`."""
+    """A `tokenizers.Tokenizer` plus its special tokens (bos/eos/pad/unk, and BERT's
+    cls/sep/mask) and optional `model_max_length`."""
 
     def __init__(self, backend: Backend, *, bos_token: str | None = None,
                  eos_token: str | None = None, pad_token: str | None = None,
-                 unk_token: str | None = None, model_max_length: int | None = None) -> None:
+                 unk_token: str | None = None, cls_token: str | None = None,
+                 sep_token: str | None = None, mask_token: str | None = None,
+                 model_max_length: int | None = None) -> None:
         self._backend = backend
-        self._special = {"bos": bos_token, "eos": eos_token, "pad": pad_token, "unk": unk_token}
+        self._special = {"bos": bos_token, "eos": eos_token, "pad": pad_token, "unk": unk_token,
+                         "cls": cls_token, "sep": sep_token, "mask": mask_token}
         for role, token in self._special.items():
             if token is not None and backend.token_to_id(token) is None:
                 raise ConfigError(f"{role}_token {token!r} is not in the vocabulary")
@@ -80,6 +90,50 @@ class Tokenizer:
         return cls(backend, **roles)
 
     @classmethod
+    def train_wordpiece(cls, files: Sequence[str | Path] | None = None, *,
+                        iterator: Iterable[str] | None = None, vocab_size: int,
+                        min_frequency: int = 2, lowercase: bool = True,
+                        strip_accents: bool | None = None,
+                        special_tokens: Sequence[str] = tuple(wordpiece.BERT_SPECIALS.values()),
+                        limit_alphabet: int | None = 1000,
+                        show_progress: bool = False) -> Tokenizer:
+        """Train a BERT WordPiece vocabulary on text files or an iterator of strings.
+
+        The text is normalized as BERT's (uncased when `lowercase`; accents stripped with
+        lowercasing unless `strip_accents` says otherwise); the special tokens take the first
+        ids ([PAD]=0 as in BERT) and must include [PAD] [UNK] [CLS] [SEP] [MASK].
+        `limit_alphabet` keeps the most frequent characters (BERT's default 1000), so a rare
+        symbol becomes [UNK] instead of spending vocabulary.
+        """
+        paths = _training_files(files, iterator)
+        specials = [special_tokens] if isinstance(special_tokens, str) else list(special_tokens)
+        missing = [t for t in wordpiece.BERT_SPECIALS.values() if t not in specials]
+        if missing or len(set(specials)) < len(specials):
+            raise ConfigError(f"special_tokens must be distinct and include {missing or specials}"
+                              f", got {specials!r}")
+        if not isinstance(vocab_size, int) or vocab_size <= len(specials):
+            raise ConfigError(f"vocab_size must be an int above {len(specials)} (the special"
+                              f" tokens), got {vocab_size!r}")
+        if not isinstance(min_frequency, int) or min_frequency < 1:
+            raise ConfigError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+        try:
+            backend = wordpiece.train_backend(
+                paths, iterator, vocab_size=vocab_size, min_frequency=min_frequency,
+                lowercase=lowercase, strip_accents=strip_accents, specials=specials,
+                unk_token=wordpiece.BERT_SPECIALS["unk"], limit_alphabet=limit_alphabet,
+                show_progress=show_progress)
+        except LmlabError:
+            raise
+        except Exception as error:  # tokenizers raises a bare Exception, e.g. for non-UTF-8 input
+            source = ", ".join(map(str, paths)) if paths is not None else "iterator"
+            raise DataError(f"{source}: cannot train WordPiece: {error}") from error
+        names = wordpiece.BERT_SPECIALS
+        wordpiece.bert_pipeline(backend, lowercase=lowercase, strip_accents=strip_accents,
+                                chinese_chars=True, cls_token=names["cls"],
+                                sep_token=names["sep"])
+        return cls(backend, **{f"{role}_token": token for role, token in names.items()})
+
+    @classmethod
     def char_level(cls, text: str | None = None, *, files: Sequence[str | Path] | None = None,
                    special_tokens: Sequence[str] = (END_OF_TEXT,),
                    pad_token: str | None = None) -> Tokenizer:
@@ -107,16 +161,20 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Load a tokenizer.json file, or a directory with tokenizer.json (else GPT-2's vocab.json
-        + merges.txt) and optionally tokenizer_config.json / special_tokens_map.json."""
+        + merges.txt, else BERT's vocab.txt) and optionally tokenizer_config.json /
+        special_tokens_map.json."""
         path = Path(path)
-        if path.is_file():
-            directory, backend = path.parent, _load_tokenizer_json(path)
-        elif path.is_dir():
-            directory, backend = path, _load_directory(path)
-        else:
+        if not path.exists():
             raise CheckpointError(f"{path}: no such file or directory; expected a tokenizer"
                                   " directory or a tokenizer.json file")
+        directory = path.parent if path.is_file() else path
         config = _read_json(directory / "tokenizer_config.json")
+        backend = (_load_tokenizer_json(path) if path.is_file()
+                   else _load_directory(path, config))
+        # A tokenizer.json may carry fixed padding/truncation (MiniLM's pads everything to 128);
+        # transformers overrides them per call, and so do we: encode() returns the text's tokens.
+        backend.no_truncation()
+        backend.no_padding()
         roles = _read_roles({**_read_json(directory / "special_tokens_map.json"), **config},
                             backend, directory)
         # As transformers does, make the named tokens special: matched whole in the input text.
@@ -136,13 +194,20 @@ class Tokenizer:
         transformers' AutoTokenizer; each file is written atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        special = {f"{role}_token": token for role, token in self._special.items()}
+        special = {f"{role}_token": token for role, token in self._special.items()
+                   if token is not None or role not in _ENCODER_ROLES}
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
                                   # transformers must not "clean up" spaces before punctuation.
                                   "clean_up_tokenization_spaces": False}
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
         present = {key: token for key, token in special.items() if token is not None}
+        if self.kind == "wordpiece":
+            # BERT's files: vocab.txt (the vocabulary older tools read) and the normalizer
+            # options transformers' BertTokenizer needs to rebuild the same pipeline from it.
+            config.update(tokenizer_class="BertTokenizer",
+                          **wordpiece.normalizer_options(self._backend))
+            _write_atomic(directory / "vocab.txt", wordpiece.vocab_lines(self._backend))
         _write_atomic(directory / "tokenizer.json", self._backend.to_str(pretty=True))
         _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2))
         _write_atomic(directory / "special_tokens_map.json", json.dumps(present, indent=2))
@@ -174,6 +239,36 @@ class Tokenizer:
         except Exception as error:  # tokenizers raises a bare Exception
             raise self._encode_error(texts, error) from error
         return [encoding.ids for encoding in encodings]
+
+    def encode_pair(self, text: str, text_pair: str | None = None, *,
+                    add_special_tokens: bool = True, max_length: int | None = None,
+                    truncation: Truncation = "longest_first") -> Encoding:
+        """One text (or text pair) for an encoder: `[CLS] text [SEP] text_pair [SEP]` with
+        token types, attention mask, offsets; no padding. Truncated to `max_length` tokens
+        (special tokens included) when given, as transformers' `tokenizer(text, text_pair)`."""
+        return self.encode_pairs([text], None if text_pair is None else [text_pair],
+                                 add_special_tokens=add_special_tokens, max_length=max_length,
+                                 truncation=truncation, padding="none")[0]
+
+    def encode_pairs(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *,
+                     add_special_tokens: bool = True, max_length: int | None = None,
+                     truncation: Truncation = "longest_first", stride: int = 0,
+                     return_overflowing: bool = False, padding: Padding = "longest",
+                     pad_to_multiple_of: int | None = None) -> EncodedBatch:
+        """A batch of texts (or text pairs), encoded in parallel and padded ("longest": to the
+        longest row; "max_length"; "none").
+
+        With `return_overflowing`, what truncation cuts off becomes further rows (windows that
+        overlap by `stride` tokens), as transformers' `return_overflowing_tokens` — the sliding
+        window of extractive QA with `truncation="only_second"`; `sample_index` maps rows to
+        inputs.
+        """
+        return encode_pairs(self._backend, texts, text_pairs,
+                            add_special_tokens=add_special_tokens, max_length=max_length,
+                            truncation=truncation, stride=stride,
+                            return_overflowing=return_overflowing, padding=padding,
+                            pad_to_multiple_of=pad_to_multiple_of, pad_id=self.pad_token_id,
+                            pad_token=self.pad_token)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return self._backend.decode(self._checked_ids(ids), skip_special_tokens=skip_special_tokens)
@@ -242,20 +337,61 @@ class Tokenizer:
         return self._special["unk"]
 
     @property
+    def cls_token(self) -> str | None:
+        return self._special["cls"]
+
+    @property
+    def sep_token(self) -> str | None:
+        return self._special["sep"]
+
+    @property
+    def mask_token(self) -> str | None:
+        return self._special["mask"]
+
+    def _role_id(self, role: str) -> int | None:
+        token = self._special[role]
+        return None if token is None else self.token_to_id(token)
+
+    @property
     def bos_token_id(self) -> int | None:
-        return None if self.bos_token is None else self.token_to_id(self.bos_token)
+        return self._role_id("bos")
 
     @property
     def eos_token_id(self) -> int | None:
-        return None if self.eos_token is None else self.token_to_id(self.eos_token)
+        return self._role_id("eos")
 
     @property
     def pad_token_id(self) -> int | None:
-        return None if self.pad_token is None else self.token_to_id(self.pad_token)
+        return self._role_id("pad")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._role_id("unk")
+
+    @property
+    def cls_token_id(self) -> int | None:
+        return self._role_id("cls")
+
+    @property
+    def sep_token_id(self) -> int | None:
+        return self._role_id("sep")
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self._role_id("mask")
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of every special token (named roles and added special tokens): never masked,
+        never a prediction target of masked LM."""
+        ids = {i for i in (self._role_id(role) for role in _ROLES) if i is not None}
+        ids.update(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
+        return frozenset(ids)
 
     @property
     def kind(self) -> str:
-        """"bpe", "char" (WordLevel joined by Fuse, as `char_level` builds it) or the model type."""
+        """"bpe", "char" (WordLevel joined by Fuse, as `char_level` builds it), "wordpiece" or the
+        model type."""
         model = type(self._backend.model).__name__
         if model == "WordLevel" and type(self._backend.decoder).__name__ == "Fuse":
             return "char"
@@ -365,13 +501,15 @@ def _load_tokenizer_json(path: Path) -> Backend:
         raise CheckpointError(f"{path}: not a valid tokenizer.json ({error})") from error
 
 
-def _load_directory(directory: Path) -> Backend:
+def _load_directory(directory: Path, config: dict[str, Any]) -> Backend:
     if (directory / "tokenizer.json").is_file():
         return _load_tokenizer_json(directory / "tokenizer.json")
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
     if not vocab.is_file() and not merges.is_file():
-        raise CheckpointError(f"{directory}: no tokenizer found; expected tokenizer.json, or"
-                              " GPT-2's vocab.json + merges.txt")
+        if (directory / "vocab.txt").is_file():
+            return wordpiece.load_vocab_txt(directory, config)
+        raise CheckpointError(f"{directory}: no tokenizer found; expected tokenizer.json,"
+                              " GPT-2's vocab.json + merges.txt, or BERT's vocab.txt")
     for required in (vocab, merges):
         if not required.is_file():
             raise CheckpointError(f"{required}: not found; GPT-2 tokenizers need vocab.json +"
@@ -398,14 +536,20 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _read_roles(config: dict[str, Any], backend: Backend,
                 directory: Path) -> dict[str, str | None]:
     """`{role}_token` from the configs (a string, null or an AddedToken dict); a role they do not
-    name defaults, as for GPT-2's bare files, to <|endoftext|> when it is in the vocabulary."""
+    name defaults, as for GPT-2's bare files, to <|endoftext|> (bos/eos/pad) when it is in the
+    vocabulary, and for a WordPiece vocabulary to BERT's [PAD] [UNK] [CLS] [SEP] [MASK]."""
+    defaults: dict[str, str] = {}
+    if backend.token_to_id(END_OF_TEXT) is not None:
+        defaults.update(bos=END_OF_TEXT, eos=END_OF_TEXT, pad=END_OF_TEXT)
+    if type(backend.model).__name__ == "WordPiece":
+        defaults.update({role: token for role, token in wordpiece.BERT_SPECIALS.items()
+                         if backend.token_to_id(token) is not None})
     roles: dict[str, str | None] = {}
     for role in _ROLES:
         key = f"{role}_token"
         value = config.get(key)
         if key not in config:
-            in_vocab = backend.token_to_id(END_OF_TEXT) is not None
-            value = END_OF_TEXT if in_vocab and role != "unk" else None
+            value = defaults.get(role)
         elif isinstance(value, dict) and isinstance(value.get("content"), str):
             value = value["content"]
         elif value is not None and not isinstance(value, str):
