@@ -1,4 +1,4 @@
-from lmlab.models.gpt import GPT, GPTConfig
+from lmlab.models.gpt import GPT, GPTConfig, GPTForSequenceClassification
 from lmlab.models.hf import from_pretrained
 
-__all__ = ["GPT", "GPTConfig", "from_pretrained"]
+__all__ = ["GPT", "GPTConfig", "GPTForSequenceClassification", "from_pretrained"]

@@ -36,8 +36,18 @@ class GPTConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Sequence classification (GPTForSequenceClassification) only: label names, or a count.
+    num_labels: int = 2
+    id2label: list[str] | None = None
 
     def __post_init__(self):
+        if self.id2label is not None:
+            self.id2label = [str(label) for label in self.id2label]
+            if len(set(self.id2label)) != len(self.id2label):
+                raise ConfigError(f"id2label has duplicate labels: {self.id2label}")
+            self.num_labels = len(self.id2label)
+        if self.num_labels <= 0:
+            raise ConfigError(f"num_labels must be positive, got {self.num_labels}")
         if self.n_inner is None:
             self.n_inner = 4 * self.n_embd
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
@@ -241,3 +251,61 @@ class GPT(nn.Module):
             matmul_params -= self.wte.weight.numel()  # the input embedding is a lookup
         return 6 * matmul_params + 12 * c.n_layer * c.n_embd * seq_len
 
+
+
+class GPTForSequenceClassification(nn.Module):
+    """GPT with a linear `score` head (no bias) on the hidden state of each row's last real
+    token — the only position that has seen the whole text in a causal model — as transformers'
+    GPT2ForSequenceClassification, whose checkpoints this loads and writes (`transformer.*` and
+    `score.weight`). Called like the BERT classifier, so the two families are interchangeable."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT(config)
+        self.transformer.lm_head = None  # unused here; HF's classifier has no LM head either
+        self.score = Linear(config.n_embd, config.num_labels, bias=False)
+        if not self.score.weight.is_meta:
+            nn.init.normal_(self.score.weight, mean=0.0, std=config.initializer_range)
+
+    @classmethod
+    def from_backbone(cls, path, *, id2label: list[str]) -> GPTForSequenceClassification:
+        """The GPT checkpoint at `path` with a fresh score head for `id2label`."""
+        from lmlab.models.hf import from_pretrained
+
+        backbone = from_pretrained(path)
+        if not isinstance(backbone, GPT):
+            raise ConfigError(f"{path}: expected a GPT language-model checkpoint, got "
+                              f"{type(backbone).__name__}")
+        config = GPTConfig(**{**vars(backbone.config), "id2label": list(id2label)})
+        model = cls(config)
+        state = {k: v for k, v in backbone.state_dict().items() if k != "lm_head.weight"}
+        model.transformer.load_state_dict(state, strict=False)
+        return model.train()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_labels) logits. Rows are right-padded; the last real token is the last 1 of
+        `attention_mask`, else (as transformers does) the last token that is not pad_token_id."""
+        if token_type_ids is not None:
+            raise ValueError("GPT has no token-type embeddings; pass token_type_ids=None")
+        hidden = self.transformer.hidden_states(input_ids, attention_mask=attention_mask)
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device)
+        if attention_mask is not None:
+            last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
+        elif self.config.pad_token_id is not None:
+            last = (positions * (input_ids != self.config.pad_token_id)).argmax(-1)
+        else:
+            last = torch.full((B,), T - 1, device=input_ids.device)
+        return self.score(hidden[torch.arange(B, device=input_ids.device), last])
+
+    def save_pretrained(self, directory, *, tokenizer=None) -> None:
+        """Write config.json + model.safetensors in transformers' GPT2ForSequenceClassification
+        layout."""
+        from lmlab.models.hf import save_pretrained
+
+        save_pretrained(self, directory, tokenizer=tokenizer)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -8,6 +8,7 @@ lmlab checkpoint *is* a Hugging Face checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models import bert
-from lmlab.models.gpt import GPT, GPTConfig
+from lmlab.models.gpt import GPT, GPTConfig, GPTForSequenceClassification
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,38 @@ def gpt2_state_dict_from_hf(hf_state: dict[str, torch.Tensor], where: str) -> di
     return out
 
 
+def labels_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """{"id2label": [names in id order]} from config.json's id2label, else {"num_labels": n}."""
+    id2label = hf.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        try:
+            return {"id2label": [id2label[k] for k in sorted(id2label, key=int)]}
+        except ValueError:
+            raise CheckpointError(f"{where}: id2label keys must be integers, got {sorted(id2label)}") from None
+    if isinstance(hf.get("num_labels"), int):
+        return {"num_labels": hf["num_labels"]}
+    return {}
+
+
+def labels_to_hf(labels: list[str]) -> dict[str, Any]:
+    return {"id2label": {str(i): label for i, label in enumerate(labels)},
+            "label2id": {label: i for i, label in enumerate(labels)}}
+
+
+# GPT2ForSequenceClassification: the backbone under `transformer.`, a bias-free `score` head.
+GPT2_SCORE = "score.weight"
+
+
+def gpt2_classifier_state_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    backbone = {k[len(GPT2_PREFIX):]: v for k, v in state.items() if k.startswith(GPT2_PREFIX)}
+    return {**gpt2_state_dict_to_hf(backbone, config), GPT2_SCORE: state[GPT2_SCORE].contiguous()}
+
+
+def gpt2_classifier_state_from_hf(hf_state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    state = gpt2_state_dict_from_hf(hf_state, where)
+    return {(k if k == GPT2_SCORE else GPT2_PREFIX + k): v for k, v in state.items()}
+
+
 # -- BERT tables -------------------------------------------------------------------------------
 # HF config keys that are BertConfig fields under the same name.
 BERT_CONFIG_KEYS = (
@@ -172,14 +205,7 @@ def bert_config_from_hf(hf: dict[str, Any], where: str, **overrides) -> bert.Ber
                 )
         elif key not in BERT_IGNORED_KEYS:
             raise CheckpointError(f"{where}: config option '{key}' is not supported by lmlab")
-    id2label = hf.get("id2label")
-    if isinstance(id2label, dict) and id2label:
-        try:
-            values["id2label"] = [id2label[k] for k in sorted(id2label, key=int)]
-        except ValueError:
-            raise CheckpointError(f"{where}: id2label keys must be integers, got {sorted(id2label)}") from None
-    elif isinstance(hf.get("num_labels"), int):
-        values["num_labels"] = hf["num_labels"]
+    values.update(labels_from_hf(hf, where))
     values.update(overrides)
     try:
         return bert.BertConfig(**values)
@@ -195,11 +221,8 @@ def bert_config_to_hf(model: bert.BertPreTrainedModel) -> dict[str, Any]:
     num_labels = config.num_labels if isinstance(model, bert.BertForSequenceClassification) else 2
     labels = (config.id2label if config.id2label and num_labels == config.num_labels
               else [f"LABEL_{i}" for i in range(num_labels)])
-    hf.update(
-        architectures=[type(model).__name__], model_type="bert", dtype="float32",
-        id2label={str(i): label for i, label in enumerate(labels)},
-        label2id={label: i for i, label in enumerate(labels)},
-    )
+    hf.update(architectures=[type(model).__name__], model_type="bert", dtype="float32",
+              **labels_to_hf(labels))
     return hf
 
 
@@ -373,16 +396,20 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str
             )
         state[key] = tensor.to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    if getattr(model.config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         model.lm_head.weight = model.wte.weight
 
 
-def load_gpt(directory: Path, config_dict: dict[str, Any], *, dtype, device) -> GPT:
-    config = gpt2_config_from_hf(config_dict, str(directory / "config.json"))
-    with torch.device("meta"):
-        model = GPT(config)  # no memory, no init: the checkpoint fills every weight
-    state = gpt2_state_dict_from_hf(read_state_dict(directory), str(directory))
-    load_into(model, state, str(directory), dtype)
+def load_gpt(directory: Path, config_dict: dict[str, Any], *, dtype, device) -> torch.nn.Module:
+    where = str(directory / "config.json")
+    config = gpt2_config_from_hf(config_dict, where)
+    classifier = (config_dict.get("architectures") or [""])[0] == "GPT2ForSequenceClassification"
+    if classifier:
+        config = dataclasses.replace(config, **labels_from_hf(config_dict, where))
+    with torch.device("meta"):  # no memory, no init: the checkpoint fills every weight
+        model = GPTForSequenceClassification(config) if classifier else GPT(config)
+    convert = gpt2_classifier_state_from_hf if classifier else gpt2_state_dict_from_hf
+    load_into(model, convert(read_state_dict(directory), str(directory)), str(directory), dtype)
     return model.to(device).eval()
 
 
@@ -404,6 +431,12 @@ def to_hf(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tenso
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     if isinstance(model, GPT):
         return gpt2_config_to_hf(model.config), gpt2_state_dict_to_hf(state, model.config)
+    if isinstance(model, GPTForSequenceClassification):
+        hf = gpt2_config_to_hf(model.config)
+        hf.update(architectures=["GPT2ForSequenceClassification"],
+                  **labels_to_hf(model.config.id2label or
+                                 [f"LABEL_{i}" for i in range(model.config.num_labels)]))
+        return hf, gpt2_classifier_state_to_hf(state, model.config)
     if isinstance(model, bert.BertPreTrainedModel):
         return bert_config_to_hf(model), bert_state_dict_to_hf(state)
     raise TypeError(f"cannot save a {type(model).__name__} in the Hugging Face layout")
