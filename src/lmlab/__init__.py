@@ -3,7 +3,7 @@
 The curated public API:
 
     import lmlab
-    model = lmlab.from_pretrained(path)          # a Hugging Face GPT-2 directory or an lmlab run
+    model = lmlab.from_pretrained(path)          # a Hugging Face GPT-2 or BERT directory, or an lmlab run
     tok = lmlab.Tokenizer.from_pretrained(path)
     out = model.generate(input_ids, max_new_tokens=32)
     model.save_pretrained(path2)
@@ -11,12 +11,12 @@ The curated public API:
 
 from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
 from lmlab.generation import GenerationConfig, generate, generate_tokens
-from lmlab.models import GPT, GPTConfig, from_pretrained
+from lmlab.models import BertConfig, BertModel, GPT, GPTConfig, from_pretrained
 from lmlab.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "GenerationConfig", "Tokenizer", "from_pretrained", "generate",
+    "BertConfig", "BertModel", "GPT", "GPTConfig", "GenerationConfig", "Tokenizer", "from_pretrained", "generate",
     "generate_tokens", "LmlabError", "ConfigError", "DataError", "CheckpointError",
 ]
