@@ -101,6 +101,7 @@ def test_hand_made_corpus_gives_exact_tokens_and_meta(tmp_path: Path) -> None:
         "tokenizer_fingerprint": "bytes-v1",
         "splits": {"train": {"tokens": 9, "documents": 2}, "val": {"tokens": 0, "documents": 0}},
         "sources": [str(tmp_path / "c")], "val_sources": None, "split": "tail", "val_fraction": 0,
+        "document_index": True,
     }
     assert info == TokenDataset.open(out).meta and isinstance(info, DatasetInfo)
     assert (out / "bytes-tokenizer.json").is_file()  # the dataset carries its tokenizer

@@ -8,8 +8,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("sources", nargs="+", help="text files, folders, globs or JSONL files")
     parser.add_argument("--out", required=True, help="dataset directory to write")
     parser.add_argument("--tokenizer", default="bpe",
-                        help="'bpe' (train byte-level BPE), 'char', or a tokenizer/model directory")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
+                        help="'bpe' (train byte-level BPE), 'wordpiece' (train an uncased BERT"
+                             " WordPiece), 'char', or a tokenizer/model directory")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE / WordPiece vocabulary size")
     parser.add_argument("--val", nargs="*", default=None, help="validation sources (else a split)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--split", choices=["auto", "document", "tail"], default="auto")

@@ -1,8 +1,9 @@
 """A prepared token dataset on disk, and the batches a causal LM trains and evaluates on.
 
 Layout of a dataset directory (written by `lmlab.data.prepare.prepare_dataset`):
-`meta.json` (a `DatasetInfo`), one raw `<split>.bin` array of token ids per split, and the
-tokenizer files. Splits are memory-mapped read-only, so opening a dataset costs nothing and many
+`meta.json` (a `DatasetInfo`), one raw `<split>.bin` array of token ids per split, its document
+index `<split>.docs.bin` (int64 end offsets, one per document; datasets prepared before it
+existed lack it and say `document_index: false`), and the tokenizer files. Splits are memory-mapped read-only, so opening a dataset costs nothing and many
 processes (DDP ranks, data-loader workers) share one page cache.
 """
 
@@ -21,6 +22,11 @@ from lmlab.errors import ConfigError, DataError
 FORMAT = "lmlab-tokens-v1"
 META_FILE = "meta.json"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+DOC_DTYPE = np.dtype("<i8")
+
+
+def docs_path(root: Path, split: str) -> Path:
+    return Path(root) / f"{split}.docs.bin"
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class DatasetInfo:
     val_fraction: float | None  # None when val came from val_sources
     val_sources: list[str] | None = None
     format: str = FORMAT
+    document_index: bool = False  # <split>.docs.bin files exist (all datasets prepared since)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -130,6 +137,22 @@ class TokenDataset:
                 "`lmlab prepare` again"
             )
         return file
+
+    def document_ends(self, name: str) -> np.ndarray | None:
+        """End offsets (exclusive, int64) of the documents of split `name` in its token array,
+        memory-mapped; None for a dataset prepared without a document index."""
+        if not self.meta.document_index:
+            return None
+        self.split(name)  # checks the name and the token file
+        file, count = docs_path(self.path, name), self.meta.splits[name].documents
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != count * DOC_DTYPE.itemsize:
+            found = "missing" if actual is None else f"{actual} bytes"
+            raise DataError(f"{file}: {found}, expected {count * DOC_DTYPE.itemsize} bytes"
+                            f" ({count} documents); run `lmlab prepare` again")
+        if count == 0:
+            return np.empty(0, dtype=DOC_DTYPE)
+        return np.memmap(file, dtype=DOC_DTYPE, mode="r")
 
     def split(self, name: str) -> np.ndarray:
         """The tokens of split `name`, memory-mapped read-only (an empty array if it has none)."""

@@ -2,7 +2,9 @@
 
 Documents are streamed, tokenized `batch_docs` at a time and appended to raw `.bin` files, so
 memory is bounded by one batch. Every document is followed by the tokenizer's EOS (nothing if it
-has none), as in GPT-2 pretraining data. How val is chosen:
+has none), as in GPT-2 pretraining data; `<split>.docs.bin` records where each document ends
+(int64 token offsets), which next-sentence prediction needs — a WordPiece stream has no EOS to
+find them by. How val is chosen:
 - `val_sources` given: those documents are val, `sources` are train (recorded as "sources");
 - "document": a document is val iff a hash of its `source` (file, `file:line` or `file#chunk`)
   is below `val_fraction`: deterministic and independent of the order of the files;
@@ -21,7 +23,6 @@ import logging
 import os
 import shutil
 import time
-from array import array
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import replace
@@ -32,7 +33,7 @@ from typing import Literal, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from lmlab.data.dataset import META_FILE, DatasetInfo, SplitInfo
+from lmlab.data.dataset import DOC_DTYPE, META_FILE, DatasetInfo, SplitInfo, docs_path
 from lmlab.data.sources import Document, SourceArg, as_source_list, iter_documents
 from lmlab.errors import ConfigError, DataError
 
@@ -57,25 +58,29 @@ class _Tokenizer(Protocol):
 
 
 class _SplitWriter:
-    """Appends token arrays to `<split>.bin`; with `ends` it also keeps each document's end."""
+    """Appends token arrays to `<split>.bin` and each document's end offset to
+    `<split>.docs.bin`."""
 
-    def __init__(self, path: Path, dtype: type, *, track_ends: bool) -> None:
+    def __init__(self, path: Path, dtype: type) -> None:
         self.path = path
+        self.ends_path = docs_path(path.parent, path.stem)
         self.dtype = dtype
         self.file = open(path, "ab")
+        self.ends_file = open(self.ends_path, "ab")
         self.tokens = 0
         self.documents = 0
-        # One int64 per document, only while a tail split may be needed (to count documents on
-        # either side of the cut).
-        self.ends: array | None = array("q") if track_ends else None
 
     def write(self, docs: list[list[int]]) -> None:
         flat = np.array(list(chain.from_iterable(docs)), dtype=np.int64)
         flat.astype(self.dtype).tofile(self.file)
-        if self.ends is not None:
-            self.ends.extend(self.tokens + np.cumsum([len(d) for d in docs], dtype=np.int64))
+        ends = self.tokens + np.cumsum([len(d) for d in docs], dtype=np.int64)
+        ends.astype(DOC_DTYPE).tofile(self.ends_file)
         self.tokens += len(flat)
         self.documents += len(docs)
+
+    def close(self) -> None:
+        self.file.close()
+        self.ends_file.close()
 
 
 def _in_val(doc: Document, val_fraction: float) -> bool:
@@ -174,14 +179,10 @@ def _build(
 ) -> DatasetInfo:
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     mode, stream = _route(train_docs, val_docs, split=split, val_fraction=val_fraction)
-    # Document ends are only needed by a tail split, planned or as the fallback.
-    track = mode == "tail" or (mode == "document" and val_fraction > 0)
     with ExitStack() as stack:
-        writers = {name: _SplitWriter(tmp / f"{name}.bin", dtype,
-                                      track_ends=track and name == "train")
-                   for name in ("train", "val")}
+        writers = {name: _SplitWriter(tmp / f"{name}.bin", dtype) for name in ("train", "val")}
         for writer in writers.values():
-            stack.callback(writer.file.close)
+            stack.callback(writer.close)
         _tokenize_into(stream, writers, tokenizer=tokenizer, batch_docs=batch_docs,
                        progress=progress)
     train, val = writers["train"], writers["val"]
@@ -200,7 +201,7 @@ def _build(
         dtype=np.dtype(dtype).name, vocab_size=tokenizer.vocab_size,
         eos_token_id=tokenizer.eos_token_id, tokenizer_fingerprint=tokenizer.fingerprint,
         splits=splits, sources=[], split=mode,
-        val_fraction=None if mode == "sources" else val_fraction,
+        val_fraction=None if mode == "sources" else val_fraction, document_index=True,
     )
 
 
@@ -221,8 +222,6 @@ def _tokenize_into(
             for name, docs in per_split.items():
                 if docs:
                     writers[name].write(docs)
-                    if name == "val" and writers["train"].ends is not None:
-                        writers["train"].ends = None  # val is not empty: no tail fallback
             tokens = sum(w.tokens for w in writers.values())
             bar.update(len(batch))
             bar.set_postfix(tokens=tokens, tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
@@ -236,8 +235,10 @@ def _check_ids(ids: list[int], doc: Document, *, vocab_size: int) -> None:
 
 def _move_tail(train: _SplitWriter, val: _SplitWriter, *, val_fraction: float
                ) -> dict[str, SplitInfo]:
-    """Move the last `val_fraction` of train.bin into (empty) val.bin, in bounded chunks."""
-    assert val.tokens == 0 and train.ends is not None
+    """Move the last `val_fraction` of train.bin into (empty) val.bin, in bounded chunks, and
+    cut the document index there too (a document cut in two ends at the cut in train and
+    starts at 0 in val)."""
+    assert val.tokens == 0
     total = train.tokens
     cut = int(total * (1 - val_fraction))  # nanoGPT: train = data[:int(n * 0.9)]
     itemsize = np.dtype(train.dtype).itemsize
@@ -245,12 +246,14 @@ def _move_tail(train: _SplitWriter, val: _SplitWriter, *, val_fraction: float
         src.seek(cut * itemsize)
         shutil.copyfileobj(src, dst, _COPY_BYTES)
     os.truncate(train.path, cut * itemsize)
-    ends = np.frombuffer(train.ends, dtype=np.int64)
+    ends = np.fromfile(train.ends_path, dtype=DOC_DTYPE).astype(np.int64)
     starts = np.concatenate([[0], ends[:-1]])
-    return {
-        "train": SplitInfo(cut, int(np.searchsorted(starts, cut, "left"))),
-        "val": SplitInfo(total - cut, len(ends) - int(np.searchsorted(ends, cut, "right"))),
-    }
+    n_train = int(np.searchsorted(starts, cut, "left"))  # documents starting before the cut
+    train_ends = np.minimum(ends[:n_train], cut)
+    val_ends = ends[int(np.searchsorted(ends, cut, "right")):] - cut
+    train_ends.astype(DOC_DTYPE).tofile(train.ends_path)
+    val_ends.astype(DOC_DTYPE).tofile(val.ends_path)
+    return {"train": SplitInfo(cut, len(train_ends)), "val": SplitInfo(total - cut, len(val_ends))}
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -271,17 +274,19 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 def build_tokenizer(kind: str, sources, *, vocab_size: int, text_field: str = "text"):
     """The tokenizer a dataset is prepared with: "bpe" trains a byte-level BPE on `sources`,
-    "char" makes one token per character seen in them, anything else is a tokenizer (or model)
-    directory to load."""
+    "wordpiece" an uncased BERT WordPiece, "char" makes one token per character seen in them,
+    anything else is a tokenizer (or model) directory to load."""
     from lmlab.tokenizer import Tokenizer  # the concrete class; this module needs only a protocol
 
-    if kind == "bpe":
+    if kind in ("bpe", "wordpiece"):
         texts = (doc.text for doc in iter_documents(sources, text_field=text_field))
-        return Tokenizer.train_bpe(iterator=texts, vocab_size=vocab_size)
+        train = Tokenizer.train_bpe if kind == "bpe" else Tokenizer.train_wordpiece
+        return train(iterator=texts, vocab_size=vocab_size)
     if kind == "char":
         return Tokenizer.char_level("".join(
             doc.text for doc in iter_documents(sources, text_field=text_field)))
     if Path(kind).exists():
         return Tokenizer.from_pretrained(kind)
-    raise ConfigError(f"tokenizer: expected bpe, char or a tokenizer directory, got {kind!r}")
+    raise ConfigError("tokenizer: expected bpe, wordpiece, char or a tokenizer directory, got"
+                      f" {kind!r}")
 
