@@ -5,6 +5,7 @@ Layout: `RUN_DIR/checkpoints/step-00000123/` holding
   state.pt            optimizer state, RNG states, step, schedule horizon (tensors and plain
                       Python values only, so it loads with `weights_only=True`)
   manifest.json       sha256 and size of the two files above — written last
+and `RUN_DIR/checkpoints/best/`, the weights of the best evaluation (state.pt: its step and metrics).
 The directory is built under a temporary name and renamed, so a crash mid-write never leaves a
 directory that looks complete; a checkpoint whose files do not match its manifest is reported and
 skipped in favour of the previous good one.
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from lmlab.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 FILES = ("model.safetensors", "state.pt")
+BEST = "best"
 
 
 @dataclass
@@ -52,11 +55,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the second name of a tied weight (safetensors refuses shared storage)."""
+def unique_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights without the second name of a tied tensor (safetensors refuses shared
+    storage), detached, contiguous and on the CPU."""
     seen: set[int] = set()
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in weights.items():
         key = tensor.data_ptr()
         if key in seen:
             continue
@@ -65,16 +69,27 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(run_dir: Path, step: int, model, state: dict[str, Any], *, keep_last: int) -> Path:
-    root = Path(run_dir) / "checkpoints"
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return unique_tensors(model.state_dict())
+
+
+def _write_directory(final: Path, weights: dict[str, torch.Tensor], state: dict[str, Any],
+                     *, step: int) -> None:
+    """Write weights, state and their manifest under a temporary name, then put it in place.
+
+    A directory that already exists at `final` is moved aside first and deleted only once the
+    new one is in place, so a crash at any moment leaves a complete old or new directory
+    (`best` is rewritten in place; `step-N` only when a resumed run reaches N again)."""
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(unique_state_dict(model), tmp / "model.safetensors")
+        save_file(unique_tensors(weights), tmp / "model.safetensors")
+        _test_pause()
         torch.save(state, tmp / "state.pt")
+        _test_pause()
         manifest = {
             "step": step,
             "files": {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
@@ -84,24 +99,47 @@ def save_checkpoint(run_dir: Path, step: int, model, state: dict[str, Any], *, k
         for name in (*FILES, "manifest.json"):
             with (tmp / name).open("rb") as f:
                 os.fsync(f.fileno())
+        old = root / f".old-{final.name}-{os.getpid()}"
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune(root, keep_last=keep_last)
+
+
+def _test_pause() -> None:
+    """Tests widen the window in which a checkpoint is half-written, to kill a run inside it."""
+    pause = os.environ.get("LMLAB_TEST_SLOW_CHECKPOINT")
+    if pause:
+        time.sleep(float(pause))
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
+                    state: dict[str, Any], *, keep_last: int) -> Path:
+    """Write `checkpoints/step-N`, then delete all but the newest `keep_last` of them."""
+    final = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    _write_directory(final, weights, state, step=step)
+    prune(final.parent, keep_last=keep_last)
     return final
 
 
-def prune(root: Path, *, keep_last: int, keep: set[Path] | None = None) -> None:
+def save_best(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
+              metrics: dict[str, float]) -> Path:
+    """Write `checkpoints/best`: the weights of the best evaluation so far (and its metrics).
+    It is not a `step-N` directory, so `keep_last` never prunes it."""
+    final = Path(run_dir) / "checkpoints" / BEST
+    _write_directory(final, weights, {"step": step, "metrics": dict(metrics)}, step=step)
+    return final
+
+
+def prune(root: Path, *, keep_last: int) -> None:
     checkpoints = list_checkpoints(root.parent)
     for ckpt in checkpoints[:-keep_last] if keep_last > 0 else []:
-        if keep and ckpt.path in keep:
-            continue
         shutil.rmtree(ckpt.path, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):  # left by a run killed mid-write
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by a run killed mid-write
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -143,21 +181,45 @@ def latest_valid(run_dir: Path) -> Checkpoint | None:
     return None
 
 
-def load_checkpoint(ckpt: Checkpoint, model) -> dict[str, Any]:
-    """Load weights into `model` in place and return the training state."""
+def best_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """`checkpoints/best` if it exists and passes verification (a bad one is reported)."""
+    path = Path(run_dir) / "checkpoints" / BEST
+    if not path.is_dir():
+        return None
+    try:
+        step = json.loads((path / "manifest.json").read_text())["step"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        step = -1
+    ckpt = Checkpoint(path, step)
+    problem = verify(ckpt)
+    if problem is not None:
+        log.warning("skipping the best checkpoint: %s", problem)
+        return None
+    return ckpt
+
+
+def read_checkpoint(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights (CPU tensors, lmlab names) and the training state of a verified checkpoint."""
     try:
         weights = load_file(ckpt.path / "model.safetensors")
         state = torch.load(ckpt.path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — verified files that still fail to parse
         raise CheckpointError(f"{ckpt.path}: cannot be loaded ({err})") from None
-    device = next(model.parameters()).device
-    missing, unexpected = model.load_state_dict(
-        {k: v.to(device) for k, v in weights.items()}, strict=False
-    )
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
+    return weights, state
+
+
+def check_weights(ckpt: Checkpoint, weights: dict[str, torch.Tensor], model) -> None:
+    """Every parameter and buffer of `model` must be in `weights` (the second name of a tied
+    parameter aside), and nothing else."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    aliases = {name for names in names_of.values() for name in names[1:]}
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(weights) - aliases)
+    unexpected = sorted(set(weights) - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt.path}: weights do not match the model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]})"
         )
-    return state

@@ -2,8 +2,14 @@
 
 A task provides, per optimizer step, this process's micro-batches, and computes a *summed* loss
 and the number of targets per micro-batch. The loop divides by the target count of the whole
-accumulated batch — so k micro-batches of b sequences give exactly the update of one batch of
-k·b, which averaging per micro-batch does not (transformers PR #34191).
+accumulated batch, across all processes — so k micro-batches of b sequences on each of N ranks
+give exactly the update of one batch of k·b·N, which averaging per micro-batch does not
+(transformers PR #34191). Nothing here assumes fixed shapes: micro-batches may differ in length
+(dynamic padding) and in number of targets.
+
+Everything that decides the future of a run — step, schedule horizon, optimizer, the RNG states
+of every rank, the best metric and early-stopping count — is in each checkpoint; data are a pure
+function of (seed, step). So a run killed at any moment resumes bit for bit.
 """
 
 from __future__ import annotations
@@ -11,18 +17,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from lmlab.errors import LmlabError
+from lmlab.errors import ConfigError, LmlabError
 from lmlab.training import checkpoint as ckpt_io
+from lmlab.training.distributed import Distributed, rng_state, set_rng_state
+from lmlab.training.early_stopping import BestTracker, default_greater_is_better
 from lmlab.training.optim import build_optimizer
+from lmlab.training.perf import matmul_peak_flops, peak_memory_mb
 from lmlab.training.runtime import autocast
-from lmlab.training.schedule import lr_at
+from lmlab.training.schedule import SCHEDULES, lr_at
 from lmlab.training.tracking import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -40,20 +49,52 @@ class Task(Protocol):
 class LoopConfig:
     max_steps: int
     lr: float
-    min_lr: float
-    warmup_steps: int
-    weight_decay: float
-    beta1: float
-    beta2: float
-    grad_clip: float
-    eval_every: int
-    save_every: int
-    keep_last: int
-    log_every: int
-    max_minutes: float | None
-    max_bad_steps: int
-    tensorboard: bool
-    progress: bool
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # 0 = no clipping (the norm is still computed, to catch NaN)
+    eval_every: int = 0  # 0 = evaluate only before training and at the end
+    save_every: int = 0  # 0 = checkpoint only at the end
+    keep_last: int = 2  # step checkpoints kept; 0 = all (the best one is never pruned)
+    log_every: int = 10
+    max_minutes: float | None = None
+    max_bad_steps: int = 10  # non-finite steps in a row before the run stops
+    tensorboard: bool = False
+    progress: bool = False
+    metric: str = "val_loss"  # the key of Task.evaluate's dict that decides "best"
+    greater_is_better: bool | None = None  # None: False if the metric's name contains "loss"
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    early_stopping_min_delta: float = 0.0  # improvements of at most this do not count
+    keep_best: bool = True  # write RUN_DIR/checkpoints/best whenever the metric improves
+    restore_best: bool = False  # end with the best weights in the model (load_best_model_at_end)
+    lr_schedule: str = "cosine"  # after warmup: cosine or linear to min_lr, or constant
+    eval_at_start: bool = True  # evaluate before step 0 on fresh runs
+    compile: bool = False  # torch.compile the training forward
+
+    def __post_init__(self):
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"lr_schedule: expected one of {list(SCHEDULES)}, "
+                              f"got {self.lr_schedule!r}")
+        if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
+            raise ConfigError("early_stopping_patience and early_stopping_min_delta must be >= 0, "
+                              f"got {self.early_stopping_patience} and "
+                              f"{self.early_stopping_min_delta}")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ConfigError("early_stopping_patience needs eval_every > 0 (patience counts "
+                              "evaluations)")
+        if self.restore_best and not self.keep_best:
+            raise ConfigError("restore_best needs keep_best: the best weights are read back from "
+                              "RUN_DIR/checkpoints/best")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.greater_is_better is None:
+            return default_greater_is_better(self.metric)
+        return self.greater_is_better
 
 
 class TrainingStopped(LmlabError):
@@ -68,6 +109,23 @@ class TrainResult:
     first_metrics: dict[str, float] | None  # the evaluation before training (fresh runs only)
     train_seconds: float
     tokens_per_second: float
+    best_step: int | None = None
+    best_metrics: dict[str, float] | None = None
+    stopped_early: bool = False
+    peak_memory_mb: float | None = None
+    mfu: float | None = None  # model FLOPs utilisation against the measured matmul peak
+
+
+@dataclass
+class _Clock:
+    """Training time (evaluations and checkpoints excluded) and what it produced."""
+
+    seconds: float = 0.0
+    steps: int = 0
+    targets: int = 0
+
+    def rate(self, amount: float) -> float:
+        return amount / self.seconds if self.seconds else math.nan
 
 
 def train(
@@ -80,158 +138,279 @@ def train(
     amp_dtype: torch.dtype | None = None,
     resume: bool = False,
     tokens_per_step: int = 0,
+    flops_per_step: float = 0.0,
+    dist: Distributed | None = None,
 ) -> TrainResult:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = build_optimizer(
-        model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2)
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    start_step, max_steps = 0, cfg.max_steps
-    budget_fixed = cfg.max_minutes is None
-    if resume:
-        latest = ckpt_io.latest_valid(run_dir)
-        if latest is None:
-            log.warning("--resume: no valid checkpoint in %s; starting from step 0", run_dir)
-        else:
-            state = ckpt_io.load_checkpoint(latest, model)
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng_cpu"])
-            if torch.cuda.is_available() and "rng_cuda" in state:
-                torch.cuda.set_rng_state_all(state["rng_cuda"])
-            start_step, budget_fixed = state["step"], True
-            # A time-budgeted run keeps the horizon it fitted; otherwise the config decides, so
-            # `--resume --max_steps N` can extend a finished run (the cosine tail is stretched).
-            if cfg.max_minutes is not None:
-                max_steps = state["max_steps"]
-            elif cfg.max_steps != state["max_steps"]:
-                log.info("max_steps changed from %d to %d: the schedule's horizon moves",
-                         state["max_steps"], cfg.max_steps)
-            log.info("resumed from %s (step %d of %d)", latest.path, start_step, max_steps)
-    metrics_log = MetricsLog(
-        run_dir, tensorboard=cfg.tensorboard, resume_step=start_step if resume else None
-    )
+    """Train `model` (a plain module; wrapped for DDP/FSDP and compiled here) on `task`.
 
-    def evaluate(final: bool = False) -> dict[str, float]:
-        model.eval()
-        with autocast(device, amp_dtype):
-            result = task.evaluate(model, final=final)
-        model.train()
-        return result
+    `tokens_per_step` (global, 0 if unknown) gives tokens/s; `flops_per_step` (global model
+    FLOPs of one optimizer step, 0 if unknown) gives MFU. Only rank 0 logs and writes files."""
+    return _Trainer(model, task, cfg, run_dir=Path(run_dir), device=device, amp_dtype=amp_dtype,
+                    tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
+                    dist=dist or Distributed()).run(resume=resume)
 
-    def save(step: int) -> None:
-        state = {
-            "step": step,
-            "max_steps": max_steps,
-            "optimizer": optimizer.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state_all()
-        ckpt_io.save_checkpoint(run_dir, step, model, state, keep_last=cfg.keep_last)
 
-    t_begin = time.perf_counter()  # the time budget counts evaluations too
-    first_metrics = None
-    last_metrics: dict[str, float] = {}
-    eval_seconds = 0.0  # the cost of one evaluation, to reserve budget for the remaining ones
-    if start_step == 0:
-        first_metrics = last_metrics = evaluate()
-        metrics_log.log(0, **first_metrics)
-        eval_seconds = time.perf_counter() - t_begin
+@dataclass
+class _Trainer:
+    model: torch.nn.Module
+    task: Task
+    cfg: LoopConfig
+    run_dir: Path
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    tokens_per_step: int
+    flops_per_step: float
+    dist: Distributed
+    clock: _Clock = field(default_factory=_Clock)
 
-    model.train()
-    bar = tqdm(total=max_steps, initial=start_step, disable=not cfg.progress, unit="step",
-               dynamic_ncols=True)
-    t_start = time.perf_counter()
-    train_seconds, trained_steps, bad_in_a_row = 0.0, 0, 0
-    t_calibrate = t_start
-    train_loss: float | None = None
-    step = start_step
-    while step < max_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                   max_steps=max_steps)
-        for group in optimizer.param_groups:
+    def __post_init__(self):
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.wrapped = self.dist.wrap(self.model, self.device)
+        self.runnable = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
+        self.optimizer = build_optimizer(self.model, lr=self.cfg.lr,
+                                         weight_decay=self.cfg.weight_decay,
+                                         betas=(self.cfg.beta1, self.cfg.beta2))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.tracker = BestTracker(self.cfg.metric, self.cfg.higher_is_better,
+                                   patience=self.cfg.early_stopping_patience,
+                                   min_delta=self.cfg.early_stopping_min_delta)
+        self.step, self.max_steps = 0, self.cfg.max_steps
+        self.budget_fixed = self.cfg.max_minutes is None
+        self.metrics_log: MetricsLog | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+    def restore(self) -> bool:
+        """Load the newest valid checkpoint (rank 0 reads, every rank receives); False if none."""
+        latest = ckpt_io.latest_valid(self.run_dir) if self.dist.is_main else None
+        path = self.dist.broadcast(str(latest.path) if latest else None)
+        if path is None:
+            log.warning("--resume: no valid checkpoint in %s; starting from step 0", self.run_dir)
+            return False
+        weights, state = ckpt_io.read_checkpoint(latest) if self.dist.is_main else ({}, {})
+        if self.dist.is_main:
+            ckpt_io.check_weights(latest, weights, self.model)
+        self.dist.load_full_state(self.model, self.optimizer, weights, state.get("optimizer"))
+        state = self.dist.broadcast({k: v for k, v in state.items() if k != "optimizer"})
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank])
+        else:  # another number of processes: the data are the same, dropout masks cannot be
+            log.warning("resuming %d processes from a checkpoint of %d: RNG states are reseeded",
+                        self.dist.world_size, len(rngs))
+            torch.manual_seed(state["step"] * 1000 + self.dist.rank)
+        self.tracker.load_state_dict(state["tracker"])
+        self.step, self.budget_fixed = state["step"], True
+        # A time-budgeted run keeps the horizon it fitted; otherwise the config decides, so
+        # `--resume --max_steps N` can extend a finished run (the schedule's tail is stretched).
+        if self.cfg.max_minutes is not None:
+            self.max_steps = state["max_steps"]
+        elif self.cfg.max_steps != state["max_steps"]:
+            log.info("max_steps changed from %d to %d: the schedule's horizon moves",
+                     state["max_steps"], self.cfg.max_steps)
+        log.info("resumed from %s (step %d of %d)", path, self.step, self.max_steps)
+        return True
+
+    def save(self) -> None:
+        """A checkpoint of the current state (collective: every rank contributes its part)."""
+        weights = self.dist.full_weights(self.model)
+        optimizer = self.dist.full_optimizer_state(self.model, self.optimizer)
+        rngs = self.dist.gather(rng_state())
+        if self.dist.is_main:
+            state = {"step": self.step, "max_steps": self.max_steps, "optimizer": optimizer,
+                     "rng": rngs, "tracker": self.tracker.state_dict(),
+                     "world_size": self.dist.world_size}
+            ckpt_io.save_checkpoint(self.run_dir, self.step, weights, state,
+                                    keep_last=self.cfg.keep_last)
+        self.dist.barrier()
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def measure(self, *, final: bool = False) -> dict[str, float]:
+        """Every rank evaluates (an FSDP forward needs them all); rank 0's figures are used, so
+        decisions taken on them (best, early stopping) agree everywhere."""
+        self.model.eval()
+        with autocast(self.device, self.amp_dtype):
+            metrics = self.task.evaluate(self.model, final=final)
+        self.model.train()
+        return self.dist.broadcast({k: float(v) for k, v in metrics.items()})
+
+    def evaluate(self, *, final: bool = False) -> dict[str, float]:
+        """Measure, log, and keep the weights if they are the best so far."""
+        metrics = self.measure(final=final)
+        self.log(self.step, **metrics)
+        if self.tracker.update(self.step, metrics) and self.cfg.keep_best:
+            weights = self.dist.full_weights(self.model)
+            if self.dist.is_main:
+                ckpt_io.save_best(self.run_dir, self.step, weights, metrics)
+            self.dist.barrier()
+        return metrics
+
+    def restore_best(self) -> None:
+        best = ckpt_io.best_checkpoint(self.run_dir) if self.dist.is_main else None
+        found = self.dist.broadcast(best is not None)
+        if not found:
+            log.warning("restore_best: no best checkpoint (no evaluation produced %r); keeping "
+                        "the final weights", self.cfg.metric)
+            return
+        weights = ckpt_io.read_checkpoint(best)[0] if self.dist.is_main else {}
+        if self.dist.is_main:
+            ckpt_io.check_weights(best, weights, self.model)
+        self.dist.load_full_state(self.model, None, weights, None)
+        log.info("restored the best weights (step %s)", self.tracker.best_step)
+
+    def log(self, step: int, **values: Any) -> None:
+        if self.metrics_log is not None:
+            self.metrics_log.log(step, **values)
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Forward and backward over this rank's micro-batches, then (if finite) the update.
+        Returns the global mean loss, the gradient norm and the learning rate."""
+        lr = lr_at(self.step, lr=self.cfg.lr, min_lr=self.cfg.min_lr,
+                   warmup_steps=self.cfg.warmup_steps, max_steps=self.max_steps,
+                   schedule=self.cfg.lr_schedule)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = task.train_batches(step)
-        n_targets = sum(task.num_targets(b) for b in batches)
-        loss_total = torch.zeros((), device=device)
-        for batch in batches:
-            with autocast(device, amp_dtype):
-                loss = task.loss(model, batch) / n_targets
-            loss.backward()
-            loss_total += loss.detach()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                     if cfg.grad_clip > 0 else None)
-        finite = bool(torch.isfinite(loss_total)) and (
-            grad_norm is None or bool(torch.isfinite(grad_norm)))
-        if finite:
-            optimizer.step()
-            bad_in_a_row = 0
+        batches = self.task.train_batches(self.step)
+        if not batches:
+            raise ConfigError(f"task returned no micro-batches for step {self.step}")
+        count = torch.tensor(float(sum(self.task.num_targets(b) for b in batches)),
+                             dtype=torch.float64, device=self.device)
+        n_targets = float(self.dist.all_reduce_sum(count))
+        self.clock.targets += int(n_targets)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            with self.dist.sync_gradients(self.wrapped, i == len(batches) - 1):
+                with autocast(self.device, self.amp_dtype):
+                    summed = self.task.loss(self.runnable, batch)
+                loss = summed / n_targets
+                if self.dist.world_size > 1:  # DDP and FSDP average gradients over ranks
+                    loss = loss * self.dist.world_size
+                loss.backward()
+            loss_sum += summed.detach()
+        mean_loss = self.dist.all_reduce_sum(loss_sum) / n_targets
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; the norm of the whole gradient
+            grad_norm = grad_norm.full_tensor()
+        if bool(torch.isfinite(mean_loss)) and bool(torch.isfinite(grad_norm)):
+            self.optimizer.step()
+            self.bad_in_a_row = 0
         else:
-            bad_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient; update skipped", step)
-        optimizer.zero_grad(set_to_none=True)
-        if bad_in_a_row >= cfg.max_bad_steps:
-            bar.close()
-            metrics_log.close()
-            raise TrainingStopped(
-                f"{bad_in_a_row} non-finite steps in a row at step {step}; stopped. The last "
-                f"checkpoint in {run_dir / 'checkpoints'} holds the last good state — lower lr "
-                "or check the data"
-            )
-        step += 1
-        trained_steps += 1
-        train_seconds += time.perf_counter() - t0
+            self.bad_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped", self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, grad_norm, lr
 
-        if step % cfg.log_every == 0 or step == max_steps:
-            train_loss = float(loss_total)
-            record: dict[str, Any] = {"train_loss": train_loss, "lr": lr}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            if tokens_per_step:
-                record["tokens_per_s"] = tokens_per_step * trained_steps / train_seconds
-            metrics_log.log(step, **record)
-            bar.set_postfix(loss=f"{train_loss:.4f}",
-                            tok_s=f"{record.get('tokens_per_s', 0):,.0f}", refresh=False)
-        bar.update(1)
+    def log_step(self, loss: float, grad_norm: float, lr: float) -> dict[str, Any]:
+        record: dict[str, Any] = {"train_loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if self.tokens_per_step:
+            record["tokens_per_s"] = self.clock.rate(self.tokens_per_step * self.clock.steps)
+        else:
+            record["targets_per_s"] = self.clock.rate(self.clock.targets)
+        if (mfu := self.mfu()) is not None:
+            record["mfu"] = mfu
+        record["peak_mem_mb"] = peak_memory_mb(self.device)
+        self.log(self.step, **record)
+        return record
 
-        if trained_steps == CALIBRATION[0]:
-            t_calibrate = time.perf_counter()
-        if not budget_fixed and trained_steps == CALIBRATION[1]:
-            # Fit the run into the time budget now that a step's cost is known (measured after
-            # the first, slower steps) — leaving time for the evaluations still to come — and
-            # let the cosine schedule decay over the steps that will really run.
-            per_step = (time.perf_counter() - t_calibrate) / (CALIBRATION[1] - CALIBRATION[0])
-            remaining = cfg.max_minutes * 60 - (time.perf_counter() - t_begin)
-            fit = step + int(remaining / per_step)
-            n_evals = 1 + ((fit - step) // cfg.eval_every if cfg.eval_every else 0)
-            fit = step + int(0.97 * (remaining - n_evals * eval_seconds) / per_step)
-            if fit < max_steps:
-                max_steps = max(step + 1, fit)
-                bar.total = max_steps
-                log.info("time budget: training for %d steps", max_steps)
-            budget_fixed = True
+    def fit_time_budget(self, t_begin: float, t_calibrate: float, eval_seconds: float) -> None:
+        """Fit the run into the time budget now that a step's cost is known (measured after the
+        first, slower steps) — leaving time for the evaluations still to come — so the schedule
+        decays over the steps that will really run. Rank 0 decides for all."""
+        per_step = (time.perf_counter() - t_calibrate) / (CALIBRATION[1] - CALIBRATION[0])
+        remaining = self.cfg.max_minutes * 60 - (time.perf_counter() - t_begin)
+        fit = self.step + int(remaining / per_step)
+        n_evals = 1 + ((fit - self.step) // self.cfg.eval_every if self.cfg.eval_every else 0)
+        fit = self.step + int(0.97 * (remaining - n_evals * eval_seconds) / per_step)
+        fit = self.dist.broadcast(fit)
+        if fit < self.max_steps:
+            self.max_steps = max(self.step + 1, fit)
+            log.info("time budget: training for %d steps", self.max_steps)
+        self.budget_fixed = True
 
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != max_steps:
-            last_metrics = evaluate()
-            metrics_log.log(step, **last_metrics)
-        if cfg.save_every and step % cfg.save_every == 0 and step != max_steps:
-            save(step)
-    bar.close()
-    if step > start_step:
-        last_metrics = evaluate(final=True)
-        metrics_log.log(step, **last_metrics)
-        save(step)
-    elif not last_metrics:  # resumed a finished run: report, but log and save nothing new
-        last_metrics = evaluate(final=True)
-    metrics_log.close()
-    return TrainResult(
-        steps=step,
-        final_train_loss=train_loss,
-        metrics=last_metrics,
-        first_metrics=first_metrics,
-        train_seconds=train_seconds,
-        tokens_per_second=(tokens_per_step * trained_steps / train_seconds
-                           if train_seconds else math.nan),
-    )
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self, *, resume: bool) -> TrainResult:
+        resumed = self.restore() if resume else False
+        start_step = self.step
+        if self.dist.is_main:
+            self.metrics_log = MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard,
+                                          resume_step=start_step if resumed else None)
+        self.peak_flops = (matmul_peak_flops(str(self.device), self.amp_dtype or torch.float32)
+                           if self.flops_per_step else 0.0)
+        try:
+            return self._run(start_step)
+        finally:
+            if self.metrics_log is not None:
+                self.metrics_log.close()
+
+    def _run(self, start_step: int) -> TrainResult:
+        cfg = self.cfg
+        t_begin = time.perf_counter()  # the time budget counts evaluations too
+        first_metrics, last_metrics, eval_seconds = None, {}, 0.0
+        if start_step == 0 and cfg.eval_at_start:
+            first_metrics = last_metrics = self.evaluate()
+            eval_seconds = time.perf_counter() - t_begin
+        self.model.train()
+        bar = tqdm(total=self.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.dist.is_main))
+        self.bad_in_a_row, train_loss, stopped_early = 0, None, False
+        t_calibrate = time.perf_counter()
+        while self.step < self.max_steps:
+            t0 = time.perf_counter()
+            loss, grad_norm, lr = self.train_step()
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                self.step += 1
+                self.save()  # the skipped updates left the weights at the last good state
+                bar.close()
+                raise TrainingStopped(
+                    f"{self.bad_in_a_row} non-finite steps in a row at step {self.step - 1}; "
+                    f"stopped. {self.run_dir / 'checkpoints'} holds the last good state (step "
+                    f"{self.step}) — lower lr or check the data, then --resume")
+            self.step += 1
+            self.clock.steps += 1
+            self.clock.seconds += time.perf_counter() - t0
+            if self.step % cfg.log_every == 0 or self.step == self.max_steps:
+                train_loss = float(loss)
+                record = self.log_step(train_loss, float(grad_norm), lr)
+                bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False,
+                                tok_s=f"{record.get('tokens_per_s', 0):,.0f}")
+            bar.update(1)
+            if self.clock.steps == CALIBRATION[0]:
+                t_calibrate = time.perf_counter()
+            if not self.budget_fixed and self.clock.steps == CALIBRATION[1]:
+                self.fit_time_budget(t_begin, t_calibrate, eval_seconds)
+                bar.total = self.max_steps
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != self.max_steps:
+                last_metrics = self.evaluate()
+                if self.tracker.should_stop:
+                    stopped_early = True
+                    log.info("early stopping at step %d: %s has not improved for %d evaluations "
+                             "(best %s at step %s)", self.step, cfg.metric,
+                             self.tracker.evals_since_best, self.tracker.best_value,
+                             self.tracker.best_step)
+                    break
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step != self.max_steps:
+                self.save()
+        bar.close()
+        if self.step > start_step:
+            if not stopped_early:  # an early stop has just evaluated
+                last_metrics = self.evaluate(final=True)
+            self.save()
+        elif not last_metrics:  # resumed a finished run: report, but log and save nothing new
+            last_metrics = self.measure(final=True)
+        if cfg.restore_best:
+            self.restore_best()
+        return TrainResult(
+            steps=self.step, final_train_loss=train_loss, metrics=last_metrics,
+            first_metrics=first_metrics, train_seconds=self.clock.seconds,
+            tokens_per_second=self.clock.rate(self.tokens_per_step * self.clock.steps),
+            best_step=self.tracker.best_step, best_metrics=self.tracker.best_metrics,
+            stopped_early=stopped_early, peak_memory_mb=peak_memory_mb(self.device),
+            mfu=self.mfu())
+
+    def mfu(self) -> float | None:
+        if not (self.flops_per_step and self.peak_flops and self.clock.seconds):
+            return None
+        achieved = self.clock.rate(self.flops_per_step * self.clock.steps)
+        return achieved / (self.peak_flops * self.dist.world_size)

@@ -65,6 +65,11 @@ class PretrainConfig:
     tensorboard: bool = True
     max_minutes: float | None = None  # time budget: max_steps is cut to what fits
     max_bad_steps: int = 10  # non-finite steps in a row before the run stops
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the warmup
+    early_stopping_patience: int = 0  # evaluations without improvement of val_loss; 0 = off
+    early_stopping_min_delta: float = 0.0
+    keep_best: bool = True  # keep the weights of the best val_loss in checkpoints/best
+    restore_best: bool = False  # save the best weights as the final model, not the last ones
     # -- runtime
     seed: int = 1337
     device: str = "auto"
@@ -94,7 +99,10 @@ class PretrainConfig:
             beta2=self.beta2, grad_clip=self.grad_clip, eval_every=self.eval_every,
             save_every=self.save_every, keep_last=self.keep_last, log_every=self.log_every,
             max_minutes=self.max_minutes, max_bad_steps=self.max_bad_steps,
-            tensorboard=self.tensorboard, progress=progress,
+            tensorboard=self.tensorboard, progress=progress, lr_schedule=self.lr_schedule,
+            early_stopping_patience=self.early_stopping_patience,
+            early_stopping_min_delta=self.early_stopping_min_delta, keep_best=self.keep_best,
+            restore_best=self.restore_best,
         )
 
 
