@@ -35,9 +35,33 @@ _ANY_CHAR = Regex(r"[\s\S]")
 _NO_MAX_LENGTH = int(1e30)
 
 
+class _SpecialToken:
+    """`tokenizer.cls_token` (the string, or None) and `tokenizer.cls_token_id` (its id): one
+    read-only attribute per role and form."""
+
+    def __init__(self, role: str, *, as_id: bool = False) -> None:
+        self.role, self.as_id = role, as_id
+
+    def __get__(self, tokenizer: Tokenizer | None, owner: type) -> str | int | None:
+        if tokenizer is None:
+            return self
+        return tokenizer._role_id(self.role) if self.as_id else tokenizer._special[self.role]
+
+    def __set__(self, tokenizer: Tokenizer, value: object) -> None:
+        raise AttributeError(f"{self.role}_token is fixed when a Tokenizer is built")
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus its special tokens (bos/eos/pad/unk, and BERT's
     cls/sep/mask) and optional `model_max_length`."""
+
+    bos_token, bos_token_id = _SpecialToken("bos"), _SpecialToken("bos", as_id=True)
+    eos_token, eos_token_id = _SpecialToken("eos"), _SpecialToken("eos", as_id=True)
+    pad_token, pad_token_id = _SpecialToken("pad"), _SpecialToken("pad", as_id=True)
+    unk_token, unk_token_id = _SpecialToken("unk"), _SpecialToken("unk", as_id=True)
+    cls_token, cls_token_id = _SpecialToken("cls"), _SpecialToken("cls", as_id=True)
+    sep_token, sep_token_id = _SpecialToken("sep"), _SpecialToken("sep", as_id=True)
+    mask_token, mask_token_id = _SpecialToken("mask"), _SpecialToken("mask", as_id=True)
 
     def __init__(self, backend: Backend, *, bos_token: str | None = None,
                  eos_token: str | None = None, pad_token: str | None = None,
@@ -320,65 +344,9 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
 
-    @property
-    def bos_token(self) -> str | None:
-        return self._special["bos"]
-
-    @property
-    def eos_token(self) -> str | None:
-        return self._special["eos"]
-
-    @property
-    def pad_token(self) -> str | None:
-        return self._special["pad"]
-
-    @property
-    def unk_token(self) -> str | None:
-        return self._special["unk"]
-
-    @property
-    def cls_token(self) -> str | None:
-        return self._special["cls"]
-
-    @property
-    def sep_token(self) -> str | None:
-        return self._special["sep"]
-
-    @property
-    def mask_token(self) -> str | None:
-        return self._special["mask"]
-
     def _role_id(self, role: str) -> int | None:
         token = self._special[role]
         return None if token is None else self.token_to_id(token)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._role_id("bos")
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._role_id("eos")
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._role_id("pad")
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._role_id("unk")
-
-    @property
-    def cls_token_id(self) -> int | None:
-        return self._role_id("cls")
-
-    @property
-    def sep_token_id(self) -> int | None:
-        return self._role_id("sep")
-
-    @property
-    def mask_token_id(self) -> int | None:
-        return self._role_id("mask")
 
     @property
     def special_token_ids(self) -> frozenset[int]:
