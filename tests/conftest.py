@@ -58,3 +58,74 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- fine-tuning: tiny pretrained models and a synthetic sentiment set ---------------------------
+POSITIVE = "good great fine happy nice lovely".split()
+NEGATIVE = "bad awful sad poor ugly horrible".split()
+FILLER = "the movie was a and it is very so plot actor film".split()
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    """Sentences of filler words with one sentiment word: {"sentence", "label": "neg"|"pos"}."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 10))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if positive else NEGATIVE))
+        rows.append({"sentence": " ".join(words), "label": "pos" if positive else "neg"})
+    return rows
+
+
+def _corpus() -> list[str]:
+    return [r["sentence"] for r in sentiment_rows(200, 99)] + 20 * [
+        "what which who when where why how is are was were first last follows answer question",
+        "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi"]
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory):
+    """train.jsonl (240 rows) and validation.jsonl (80 rows) of the synthetic sentiment task."""
+    import json
+
+    directory = tmp_path_factory.mktemp("sentiment")
+    for name, n, seed in (("train", 240, 0), ("validation", 80, 1)):
+        rows = sentiment_rows(n, seed)
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A random 2-layer, width-32 BERT encoder with a small WordPiece vocabulary, saved as a
+    pretrained checkpoint (what `lmlab finetune --model` expects)."""
+    from lmlab.models.bert import BertConfig, BertModel
+    from lmlab.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_wordpiece(iterator=_corpus(), vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64,
+                                 max_position_embeddings=64))
+    directory = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_dir(tmp_path_factory):
+    """A random 2-layer, width-32 GPT with a byte-level BPE vocabulary of 300."""
+    from lmlab.models.gpt import GPT, GPTConfig
+    from lmlab.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_bpe(iterator=_corpus(), vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2,
+                          n_head=2, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id))
+    directory = tmp_path_factory.mktemp("tiny_gpt")
+    model.save_pretrained(directory, tokenizer=tok)
+    return directory

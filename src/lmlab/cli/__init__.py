@@ -18,6 +18,9 @@ COMMANDS = {
     "demo": ("lmlab.cli.demo", "train a small GPT on the Python standard library and sample it"),
     "prepare": ("lmlab.cli.prepare", "tokenize text into a memory-mapped dataset"),
     "pretrain": ("lmlab.cli.pretrain", "pretrain a GPT with a YAML config and --key value overrides"),
+    "finetune": ("lmlab.cli.finetune", "fine-tune a pretrained BERT or GPT for classification or extractive QA"),
+    "evaluate": ("lmlab.cli.evaluate", "score a fine-tuned model on a labelled file"),
+    "predict": ("lmlab.cli.predict", "write a fine-tuned model's predictions for a file"),
     "generate": ("lmlab.cli.generate", "continue prompts with a trained model"),
     "plot": ("lmlab.cli.plot", "draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl"),
 }

@@ -1,0 +1,73 @@
+"""Epoch-based batching of variable-length examples, shared by the fine-tuning tasks.
+
+Batches are a pure function of (seed, step): epoch = step // steps_per_epoch, and the epoch's
+order is a permutation seeded by (seed, epoch) — so a resumed run sees exactly the batches the
+uninterrupted run would have seen, and every rank computes the same plan and takes its slice.
+
+Length grouping (the default) sorts the shuffled examples by length within chunks of
+`chunk_batches` batches and then shuffles the batch order: every batch holds examples of similar
+length, so dynamic padding wastes little, while the epoch stays random at the scale of chunks.
+This is transformers' `group_by_length` idea (its LengthGroupedSampler uses 50-batch chunks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+class EpochPlan:
+    def __init__(self, lengths: Sequence[int], *, global_batch: int, seed: int,
+                 group_by_length: bool = True, chunk_batches: int = 50):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if self.lengths.size == 0:
+            raise ValueError("no training examples")
+        self.global_batch, self.seed = global_batch, seed
+        self.group_by_length, self.chunk_batches = group_by_length, chunk_batches
+        self.steps_per_epoch = math.ceil(self.lengths.size / global_batch)
+        self._cached: tuple[int, list[np.ndarray]] | None = None
+
+    def batch(self, step: int) -> np.ndarray:
+        """Example indices of the global batch of optimizer step `step`."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self._epoch(epoch))
+        return self._cached[1][index]
+
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.lengths.size)
+        if not self.group_by_length:
+            return np.array_split(order, self.steps_per_epoch)
+        chunk = self.chunk_batches * self.global_batch
+        batches: list[np.ndarray] = []
+        for start in range(0, order.size, chunk):
+            part = order[start:start + chunk]
+            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            batches.extend(part[i:i + self.global_batch] for i in range(0, part.size, self.global_batch))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def rank_micro_batches(indices: np.ndarray, *, rank: int, world_size: int,
+                       batch_size: int) -> list[np.ndarray]:
+    """This rank's share of a global batch (strided, so lengths stay alike), in micro-batches."""
+    mine = indices[rank::world_size]
+    return [mine[i:i + batch_size] for i in range(0, mine.size, batch_size)]
+
+
+def pad_rows(rows: Sequence[np.ndarray], pad: int) -> torch.Tensor:
+    """(B, T) int64 tensor of `rows`, right-padded with `pad` to the longest row."""
+    out = np.full((len(rows), max(len(r) for r in rows)), pad, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return torch.from_numpy(out)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Evaluation order: longest first, so each batch pads to almost nothing (results are
+    scattered back to the original order by the caller)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, order.size, batch_size)]
