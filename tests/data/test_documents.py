@@ -11,7 +11,7 @@ import pytest
 
 from lmlab.data.dataset import TokenDataset
 from lmlab.data.prepare import prepare_dataset
-from lmlab.errors import DataError
+from lmlab.errors import ConfigError, DataError
 
 
 
@@ -93,3 +93,37 @@ def test_old_dataset_without_index_and_truncated_index(tmp_path) -> None:
     old = TokenDataset.open(tmp_path / "ds")
     assert old.document_ends("train") is None
     assert np.array_equal(old.split("train"), np.frombuffer(b"hello\x00world\x00", np.uint8))
+
+
+WIKI = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
+HEADING = r"\n(?= = [^=])"  # WikiText: a new article starts at a " = Title = " line
+
+
+def test_separator_cuts_text_files_into_documents(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("first doc\nline two\n\n\nsecond doc\n\n  \n\nthird")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "json\n\nstays whole"}) + "\n")
+    prepare_dataset([tmp_path / "a.txt", tmp_path / "b.jsonl"], tokenizer=NoEosTokenizer(),
+                    out_dir=tmp_path / "ds", val_fraction=0, document_separator=r"\n\s*\n")
+    dataset = TokenDataset.open(tmp_path / "ds")
+    assert documents(dataset, "train") == [b"first doc\nline two", b"second doc", b"third",
+                                           b"json\n\nstays whole"]
+
+
+def test_separator_finds_wikitext_articles(tmp_path) -> None:
+    if not WIKI.is_file():
+        pytest.skip("../shared/data (wikitext2) is absent")
+    info = prepare_dataset(WIKI, tokenizer=ByteTokenizer(), out_dir=tmp_path / "ds",
+                           val_fraction=0.1, document_separator=HEADING)
+    assert info.split == "document"  # 60 articles: enough for the per-document split
+    dataset = TokenDataset.open(tmp_path / "ds")
+    heads = [doc[:3] for doc in documents(dataset, "train") + documents(dataset, "val")]
+    assert len(heads) == 60 and all(head == b" = " for head in heads)
+
+
+@pytest.mark.parametrize("separator, message", [("(\n)", "capture groups"), ("[", "not a regular"),
+                                                ("x*", "empty string")])
+def test_bad_separators(tmp_path, separator, message) -> None:
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(ConfigError, match=message):
+        prepare_dataset(tmp_path / "a.txt", tokenizer=ByteTokenizer(), out_dir=tmp_path / "ds",
+                        document_separator=separator)

@@ -214,7 +214,11 @@ def test_time_budget_cuts_max_steps_and_the_schedule_still_decays(tmp_path):
     assert state["max_steps"] == result.steps  # the horizon was fitted, then reached
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
            if "lr" in json.loads(x)]
-    assert lrs[-1] == pytest.approx(3e-4, rel=0.05)  # the cosine reached its floor
+    # the cosine reached its floor (within the last step's distance of it: on a loaded machine
+    # the budget may fit only a few steps past the 25 it calibrates on)
+    assert lrs[-1] == pytest.approx(lr_at(result.steps - 1, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+                                          max_steps=result.steps))
+    assert lrs[-1] == pytest.approx(3e-4, rel=0.1)
 
 
 def test_continued_pretraining_refuses_data_from_another_tokenizer(tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmlab.errors import DataError
-from lmlab.training.plots import plot_run
+from lmlab.training.plots import plot_paths, plot_run
 
 
 def add_arguments(parser) -> None:
@@ -13,6 +13,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if not (Path(args.run_dir) / "metrics.jsonl").is_file():
         raise DataError(f"{args.run_dir}: no metrics.jsonl; expected a run directory")
-    out = plot_run(Path(args.run_dir))
-    print(out if out else f"{args.run_dir}: metrics.jsonl holds no losses yet")
+    if plot_run(Path(args.run_dir)) is None:
+        print(f"{args.run_dir}: metrics.jsonl holds no losses yet")
+        return 0
+    for path in plot_paths(Path(args.run_dir)):
+        print(path)
     return 0

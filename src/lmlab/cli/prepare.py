@@ -15,6 +15,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--split", choices=["auto", "document", "tail"], default="auto")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    parser.add_argument("--doc-separator", default=None,
+                        help="regular expression that cuts plain-text files into documents,"
+                             " e.g. '\\n\\s*\\n' for blank lines (next-sentence prediction"
+                             " needs documents)")
 
 
 def run(args) -> int:
@@ -25,7 +29,7 @@ def run(args) -> int:
     info = prepare_dataset(
         args.sources, tokenizer=tokenizer, out_dir=args.out, val_sources=args.val,
         val_fraction=args.val_fraction, split=args.split, text_field=args.text_field,
-        progress=True,
+        document_separator=args.doc_separator, progress=True,
     )
     for name, split in info.splits.items():
         print(f"{name}: {split.tokens:,} tokens in {split.documents:,} documents")

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import logging
+import os
+
 from lmlab.config import dump_yaml, load_config, parse_overrides
 from lmlab.training.pretrain import PretrainConfig, pretrain
 
@@ -9,27 +12,41 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="run directory (model, checkpoints, logs)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.epilog = "Any config key can be overridden: --data PATH --max_steps 100 --lr 3e-4 …"
+    parser.epilog = ("Any config key can be overridden: --data PATH --max_steps 100 --lr 3e-4 … "
+                     "Launch with `torchrun --nproc_per_node=N -m lmlab pretrain …` for "
+                     "data-parallel training (--parallel ddp|fsdp).")
     parser.set_defaults(_accepts_overrides=True)
 
 
 def run(args) -> int:
     cfg = load_config(PretrainConfig, args.config, parse_overrides(args.overrides))
-    print("resolved config:\n" + dump_yaml(cfg))
+    # Under torchrun only rank 0 speaks; the others report errors only.
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not main:
+        logging.getLogger().setLevel(logging.ERROR)
+    say = print if main else (lambda *_: None)
+    say("resolved config:\n" + dump_yaml(cfg))
     out = pretrain(cfg, run_dir=args.out, resume=args.resume, progress=not args.no_progress)
     r = out.result
     first = r.first_metrics or {}
     if "val_loss" in first:
-        print(f"before training: val loss {first['val_loss']:.4f}, perplexity {first['val_ppl']:.2f}")
+        say(f"before training: val loss {first['val_loss']:.4f}, perplexity {first['val_ppl']:.2f}")
     if "val_loss" in r.metrics:
-        print(f"after {r.steps} steps: val loss {r.metrics['val_loss']:.4f}, "
-              f"perplexity {r.metrics['val_ppl']:.2f}")
+        say(f"after {r.steps} steps: val loss {r.metrics['val_loss']:.4f}, "
+            f"perplexity {r.metrics['val_ppl']:.2f}")
+    if r.best_step is not None and r.best_metrics and r.best_metrics != r.metrics:
+        say(f"best: val loss {r.best_metrics.get('val_loss', float('nan')):.4f} at step "
+            f"{r.best_step} ({args.out}/checkpoints/best)")
+    if r.stopped_early:
+        say(f"stopped early at step {r.steps}: no improvement in {cfg.early_stopping_patience} "
+            "evaluations")
     if r.train_seconds:
-        print(f"{out.num_parameters / 1e6:.2f}M parameters, {r.tokens_per_second:,.0f} tokens/s, "
-              f"{r.train_seconds:.1f} s training")
+        mfu = f", MFU {r.mfu:.1%}" if r.mfu is not None else ""
+        say(f"{out.num_parameters / 1e6:.2f}M parameters, {r.tokens_per_second:,.0f} tokens/s"
+            f"{mfu}, peak memory {r.peak_memory_mb:,.0f} MiB, {r.train_seconds:.1f} s training")
     else:
-        print(f"nothing to train: the run had already reached step {r.steps}")
-    print(f"model: {out.run_dir} (lmlab.from_pretrained('{out.run_dir}'))")
+        say(f"nothing to train: the run had already reached step {r.steps}")
+    say(f"model: {out.run_dir} (lmlab.from_pretrained('{out.run_dir}'))")
     if out.plot:
-        print(f"loss curve: {out.plot}")
+        say(f"plots: {out.plot}")
     return 0

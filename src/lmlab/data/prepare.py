@@ -119,17 +119,20 @@ def prepare_dataset(
     val_fraction: float = 0.1,
     split: Literal["auto", "document", "tail"] = "auto",
     text_field: str = "text",
+    document_separator: str | None = None,
     batch_docs: int = 256,
     progress: bool = False,
 ) -> DatasetInfo:
-    """Tokenize `sources` into a dataset at `out_dir` (replacing a dataset already there)."""
+    """Tokenize `sources` into a dataset at `out_dir` (replacing a dataset already there).
+    `document_separator` (a regular expression) cuts plain-text files into documents."""
     _validate(val_fraction=val_fraction, split=split, batch_docs=batch_docs,
               val_sources=val_sources)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     # Checked now, before any work: a missing path fails in milliseconds, not after an hour.
-    train_docs = iter_documents(sources, text_field=text_field)
-    val_docs = None if val_sources is None else iter_documents(val_sources, text_field=text_field)
+    train_docs = iter_documents(sources, text_field=text_field, separator=document_separator)
+    val_docs = None if val_sources is None else iter_documents(
+        val_sources, text_field=text_field, separator=document_separator)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"

@@ -4,6 +4,8 @@ A *source* is a file, a directory (searched recursively) or a glob pattern. Plai
 one document each; a `.jsonl` file is one document per line, taken from a string field. Files are
 opened one at a time, so memory is bounded by the largest document, and a very large plain-text
 file is cut into several documents (see `LARGE_FILE_BYTES`) so that bound holds for it too.
+A `separator` (a regular expression) cuts plain-text files into documents wherever it matches —
+e.g. BERT's corpus format, blank lines between documents — which next-sentence prediction needs.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmlab.errors import DataError
+from lmlab.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -98,21 +101,52 @@ def list_files(sources: SourceArg) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def iter_documents(sources: SourceArg, *, text_field: str = "text") -> Iterator[Document]:
+def iter_documents(sources: SourceArg, *, text_field: str = "text",
+                   separator: str | None = None) -> Iterator[Document]:
     """Yield the documents of `sources` in order, reading one file at a time.
 
     Empty files and empty JSONL texts are skipped; if nothing at all is left, a `DataError` is
     raised when the stream ends. Paths are checked at call time, not at the first `next()`.
+    With `separator`, a plain-text file is cut at every match of that regular expression into
+    documents named `file@N` (the match itself is dropped; blank pieces are skipped).
     """
+    pattern = _separator(separator)
     files = list_files(sources)
-    return _stream(files, sources, text_field)
+    return _stream(files, sources, text_field, pattern)
 
 
-def _stream(files: list[Path], sources: SourceArg, text_field: str) -> Iterator[Document]:
+def _separator(separator: str | None) -> re.Pattern | None:
+    if separator is None:
+        return None
+    try:
+        pattern = re.compile(separator)
+    except re.error as err:
+        raise ConfigError(f"document separator {separator!r}: not a regular expression ({err})"
+                          ) from None
+    if pattern.groups:  # re.split would return the groups as documents
+        raise ConfigError(f"document separator {separator!r}: use (?:...) instead of capture"
+                          " groups")
+    if pattern.match(""):
+        raise ConfigError(f"document separator {separator!r} matches the empty string")
+    return pattern
+
+
+def _split(docs: Iterator[Document], pattern: re.Pattern | None) -> Iterator[Document]:
+    if pattern is None:
+        yield from docs
+        return
+    for doc in docs:
+        pieces = (piece for piece in pattern.split(doc.text) if piece.strip())
+        for index, piece in enumerate(pieces):
+            yield Document(source=f"{doc.source}@{index}", text=piece)
+
+
+def _stream(files: list[Path], sources: SourceArg, text_field: str,
+            pattern: re.Pattern | None) -> Iterator[Document]:
     count = 0
     for path in files:
         is_jsonl = path.suffix.lower() == ".jsonl"
-        reader = _read_jsonl(path, text_field) if is_jsonl else _read_text(path)
+        reader = _read_jsonl(path, text_field) if is_jsonl else _split(_read_text(path), pattern)
         for doc in reader:
             count += 1
             yield doc

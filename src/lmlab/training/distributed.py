@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lmlab.errors import ConfigError
+from lmlab.training.runtime import blocks, pick_device
 
 log = logging.getLogger(__name__)
 Parallel = Literal["ddp", "fsdp"]
@@ -52,11 +53,16 @@ class Distributed:
             return model
         if self.parallel == "fsdp":
             fully_shard = _fully_shard()
-            for module in list(model.modules()):
-                if isinstance(module, torch.nn.ModuleList):
-                    for block in module:
-                        fully_shard(block)
+            for block in blocks(model):
+                fully_shard(block)
             fully_shard(model)
+            # Allocate the gathered-parameter buffers now, outside inference mode: made first
+            # inside a Task's @torch.inference_mode() evaluation, they could not be reused by
+            # training ("Inplace update to inference tensor outside InferenceMode").
+            for module in model.modules():
+                if hasattr(module, "unshard") and hasattr(module, "reshard"):
+                    module.unshard()
+                    module.reshard()
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -194,8 +200,6 @@ def from_environment(parallel: str, device_name: str) -> tuple[Distributed, torc
     """Join the process group `torchrun` describes in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT), or run alone when it is absent. The device defaults to
     cuda:LOCAL_RANK when CUDA is available, else the CPU (gloo)."""
-    from lmlab.training.runtime import pick_device
-
     if parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel: expected ddp or fsdp, got {parallel!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -8,10 +8,12 @@ The final model lands in RUN_DIR itself (config.json, model.safetensors, tokeniz
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from lmlab.config import dump_yaml
@@ -22,9 +24,10 @@ from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.models.hf import atomic_write_bytes, from_pretrained
 from lmlab.tasks.causal_lm import CausalLMTask
 from lmlab.tokenizer import Tokenizer
+from lmlab.training.distributed import from_environment
 from lmlab.training.loop import LoopConfig, TrainResult, train
 from lmlab.training.plots import plot_run
-from lmlab.training.runtime import autocast_dtype, pick_device
+from lmlab.training.runtime import autocast_dtype, checkpoint_blocks
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ class PretrainConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def __post_init__(self):
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
@@ -102,7 +107,7 @@ class PretrainConfig:
             tensorboard=self.tensorboard, progress=progress, lr_schedule=self.lr_schedule,
             early_stopping_patience=self.early_stopping_patience,
             early_stopping_min_delta=self.early_stopping_min_delta, keep_best=self.keep_best,
-            restore_best=self.restore_best,
+            restore_best=self.restore_best, compile=self.compile,
         )
 
 
@@ -126,7 +131,8 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
     return dataset, tokenizer
 
 
-def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
+def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> torch.nn.Module:
+    """The model to train, on the CPU: a new GPT shaped by `cfg`, or `cfg.init_from`'s."""
     if cfg.init_from is not None:
         model = from_pretrained(cfg.init_from)
         if model.config.n_positions < cfg.block_size:
@@ -142,6 +148,33 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> GPT:
     ))
 
 
+def build_task(cfg: PretrainConfig, dataset: TokenDataset, device: torch.device, rank: int,
+               world_size: int) -> CausalLMTask:
+    """The objective: this rank's slice of every global batch, and the evaluation."""
+    val = dataset.split("val") if dataset.meta.splits.get("val") and \
+        dataset.meta.splits["val"].tokens > cfg.block_size else None
+    return CausalLMTask(
+        train_tokens=dataset.split("train"), val_tokens=val, block_size=cfg.block_size,
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed, device=device,
+        eval_tokens=cfg.eval_tokens, rank=rank, world_size=world_size,
+    )
+
+
+def check_compatible(cfg: PretrainConfig, model, dataset: TokenDataset,
+                     tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer to save with the model; refuses data the model cannot read."""
+    if cfg.init_from is not None:
+        model_tokenizer = Tokenizer.from_pretrained(cfg.init_from)
+        if model_tokenizer.fingerprint != dataset.tokenizer_fingerprint:
+            raise DataError(f"{cfg.data}: tokenized with a different tokenizer than {cfg.init_from}'s; "
+                            f"prepare it with `lmlab prepare … --tokenizer {cfg.init_from}`")
+        tokenizer = model_tokenizer
+    if dataset.vocab_size > model.config.vocab_size:
+        raise DataError(f"{cfg.data}: dataset vocabulary ({dataset.vocab_size}) is larger than the "
+                        f"model's ({model.config.vocab_size}); prepare it with the model's tokenizer")
+    return tokenizer
+
+
 @dataclass
 class PretrainResult:
     run_dir: Path
@@ -152,43 +185,70 @@ class PretrainResult:
 
 def pretrain(cfg: PretrainConfig, *, run_dir: str | Path, resume: bool = False,
              progress: bool = True) -> PretrainResult:
+    """Train as configured. Under `torchrun` every process calls this: each trains on its slice
+    of every global batch (batch_size × grad_accum × world_size sequences), rank 0 writes."""
     run_dir = Path(run_dir)
+    dist, device = from_environment(cfg.parallel, cfg.device)
+    try:
+        if dist.is_main:
+            _check_run_dir(run_dir, resume=resume)
+            atomic_write_bytes(run_dir / "train_config.yaml", dump_yaml(cfg).encode())
+            dataset, tokenizer = load_or_prepare_data(cfg, run_dir)  # prepares raw text once
+        dist.barrier()
+        if not dist.is_main:
+            dataset, tokenizer = load_or_prepare_data(cfg, run_dir)
+        # Same seed on every rank: the same initial weights (FSDP shards them without a
+        # broadcast); then one stream per rank, so dropout masks differ between ranks.
+        _seed_everything(cfg.seed)
+        model = build_model(cfg, tokenizer)
+        tokenizer = check_compatible(cfg, model, dataset, tokenizer)
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(model)
+        model = model.to(device)
+        _seed_everything(cfg.seed + dist.rank)
+        task = build_task(cfg, dataset, device, dist.rank, dist.world_size)
+        flops_per_token = getattr(model, "flops_per_token", None)
+        result = train(
+            model, task, cfg.loop_config(progress=progress), run_dir=run_dir, device=device,
+            amp_dtype=autocast_dtype(device, cfg.precision), resume=resume,
+            tokens_per_step=task.tokens_per_step, dist=dist,
+            flops_per_step=(flops_per_token(cfg.block_size) * task.tokens_per_step
+                            if flops_per_token else 0.0),
+        )
+        num_parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        weights = dist.full_weights(model)
+        plot = None
+        if dist.is_main:
+            _save_final(cfg, model, weights, tokenizer, run_dir, sharded=dist.active and
+                        cfg.parallel == "fsdp")
+            plot = plot_run(run_dir)
+        dist.barrier()
+    finally:
+        dist.close()
+    return PretrainResult(run_dir=run_dir, result=result, num_parameters=num_parameters,
+                          plot=plot)
+
+
+def _check_run_dir(run_dir: Path, *, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir}: exists and is not a directory")
     if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(f"--out {run_dir}: already holds a run; pass --resume to continue it "
                           "or choose another directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / "train_config.yaml", dump_yaml(cfg).encode())
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    dataset, tokenizer = load_or_prepare_data(cfg, run_dir)
-    val = dataset.split("val") if dataset.meta.splits.get("val") and \
-        dataset.meta.splits["val"].tokens > cfg.block_size else None
-    model = build_model(cfg, tokenizer).to(device)
-    if cfg.init_from is not None:
-        model_tokenizer = Tokenizer.from_pretrained(cfg.init_from)
-        if model_tokenizer.fingerprint != dataset.tokenizer_fingerprint:
-            raise DataError(f"{cfg.data}: tokenized with a different tokenizer than {cfg.init_from}'s; "
-                            f"prepare it with `lmlab prepare … --tokenizer {cfg.init_from}`")
-        tokenizer = model_tokenizer
-    if dataset.vocab_size > model.config.vocab_size:
-        raise DataError(f"{cfg.data}: dataset vocabulary ({dataset.vocab_size}) is larger than the "
-                        f"model's ({model.config.vocab_size}); prepare it with the model's tokenizer")
-    task = CausalLMTask(
-        train_tokens=dataset.split("train"), val_tokens=val, block_size=cfg.block_size,
-        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed, device=device,
-        eval_tokens=cfg.eval_tokens,
-    )
-    runnable = torch.compile(model) if cfg.compile else model
-    result = train(
-        runnable, task, cfg.loop_config(progress=progress), run_dir=run_dir, device=device,
-        amp_dtype=autocast_dtype(device, cfg.precision), resume=resume,
-        tokens_per_step=task.tokens_per_step,
-    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _save_final(cfg: PretrainConfig, model, weights, tokenizer: Tokenizer, run_dir: Path, *,
+                sharded: bool) -> None:
+    """RUN_DIR/config.json + model.safetensors + tokenizer files (HF layout)."""
+    if sharded:  # the trained model is in pieces across ranks: save a whole copy
+        model = build_model(cfg, tokenizer)
+        model.load_state_dict(weights, strict=False)
     tokenizer.model_max_length = model.config.n_positions
     model.save_pretrained(run_dir, tokenizer=tokenizer)
-    plot = plot_run(run_dir)
-    return PretrainResult(run_dir=run_dir, result=result, num_parameters=model.num_parameters(),
-                          plot=plot)
-

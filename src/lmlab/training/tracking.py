@@ -7,16 +7,19 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lmlab.models.hf import atomic_write_bytes
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # Drop events logged after the checkpoint we resume from: they will be logged
-            # again, identically, so the curve has no duplicates.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # again, identically, so the curve has no duplicates. (A run killed mid-write may
+            # have left half a line.) Rewritten atomically: a kill now must not lose the log.
+            kept = [json.dumps(r) for r in _parse(self.path.read_text())
+                    if r.get("step", 0) <= resume_step]
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
         elif resume_step is None:
             self.path.write_text("")
         self._file = self.path.open("a", encoding="utf-8")
@@ -25,7 +28,10 @@ class MetricsLog:
             # Imported lazily: TensorBoard's import costs about a second.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            # purge_step hides the events a killed run logged after its last checkpoint
+            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                         purge_step=None if resume_step is None
+                                         else resume_step + 1)
 
     def log(self, step: int, **values: Any) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
@@ -52,4 +58,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse(path.read_text())
+
+
+def _parse(text: str) -> list[dict[str, Any]]:
+    """The events of metrics.jsonl; an unreadable line (half-written by a killed run) is
+    skipped."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
