@@ -140,8 +140,11 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, monkeypatch):
 
 
 class NaNAt:
-    def __init__(self, task, steps):
-        self.task, self.steps, self.current = task, set(steps), None
+    """Injects NaN at the given steps: into the loss, or (`where="grad"`) only into the
+    gradient, through a term whose value is 0 but whose derivative is 0 · ∞."""
+
+    def __init__(self, task, steps, where="loss"):
+        self.task, self.steps, self.where, self.current = task, set(steps), where, None
 
     def __getattr__(self, name):
         return getattr(self.task, name)
@@ -152,21 +155,37 @@ class NaNAt:
 
     def loss(self, model, batch):
         loss = self.task.loss(model, batch)
-        return loss * float("nan") if self.current in self.steps else loss
+        if self.current not in self.steps:
+            return loss
+        if self.where == "loss":
+            return loss * float("nan")
+        return loss + torch.sqrt(model.wte.weight.sum() * 0)  # value 0, gradient NaN
 
 
-def test_non_finite_step_is_skipped_and_repeated_ones_stop(tmp_path):
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_non_finite_step_is_skipped_and_repeated_ones_stop(tmp_path, caplog, where):
     tokens = corpus()
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train(model, NaNAt(make_task(tokens), steps=[0, 1, 2]), loop_config(max_steps=3, max_bad_steps=5,
-          eval_every=0, save_every=0), run_dir=tmp_path / "a", device=torch.device("cpu"))
+    train(model, NaNAt(make_task(tokens), steps=[0, 1, 2], where=where),
+          loop_config(max_steps=3, max_bad_steps=5, eval_every=0, save_every=0),
+          run_dir=tmp_path / "a", device=torch.device("cpu"))
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name  # every update was skipped
-    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row"):
-        train(tiny_model(), NaNAt(make_task(tokens), steps=range(2, 10)),
+    assert "step 2: non-finite loss or gradient; update skipped" in caplog.text
+    # steps 2, 3, 4 are bad: the run stops there and checkpoints the state after steps 0 and 1
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row at step 4"):
+        train(tiny_model(), NaNAt(make_task(tokens), steps=range(2, 10), where=where),
               loop_config(max_steps=10, eval_every=0, save_every=0), run_dir=tmp_path / "b",
               device=torch.device("cpu"))
+    last_good = tiny_model()
+    train(last_good, make_task(tokens), loop_config(max_steps=2, eval_every=0, save_every=0),
+          run_dir=tmp_path / "c", device=torch.device("cpu"))
+    ckpt = latest_valid(tmp_path / "b")
+    assert ckpt.step == 5
+    weights = load_file(ckpt.path / "model.safetensors")
+    for name, value in weights.items():
+        assert torch.equal(value, last_good.state_dict()[name]), name
 
 
 def test_checkpoint_holds_model_weights_and_resumable_state(tmp_path):
