@@ -137,14 +137,18 @@ class MaskedLMTask:
         first = self.rank * per_rank
         rows = [self._example(self.train, np.random.default_rng([self.seed, step, _TRAIN, g]))
                 for g in range(first, first + per_rank)]
+        weight = self._nsp_weight(rows) if self.nsp else 0.0
+        return [self._collate(rows[i:i + self.batch_size], weight)
+                for i in range(0, per_rank, self.batch_size)]
+
+    def _nsp_weight(self, rows: list[dict]) -> float:
+        """M / P: masked tokens per pair over the whole step, every rank included."""
         masked = torch.tensor(float(sum(int((r["labels"] != IGNORE_INDEX).sum()) for r in rows)))
         if self.world_size > 1 and torch.distributed.is_available() \
                 and torch.distributed.is_initialized():
             masked = masked.to(self.device)
             torch.distributed.all_reduce(masked)
-        weight = float(masked) / (per_rank * self.world_size)  # M / P over the whole step
-        return [self._collate(rows[i:i + self.batch_size], weight)
-                for i in range(0, per_rank, self.batch_size)]
+        return float(masked) / (len(rows) * self.world_size)
 
     def num_targets(self, batch: dict) -> int:
         return batch["num_masked"]
