@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from lmlab.training.perf import matmul_peak_flops
+
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
@@ -34,15 +36,9 @@ def median(xs: list[float]) -> float:
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GFLOP/s of an n×n×n matmul on this machine (all threads)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    """Best fp32 GFLOP/s of an n×n×n matmul on this machine (all threads) — the same
+    measurement training logs MFU against (lmlab.training.perf)."""
+    return matmul_peak_flops("cpu", torch.float32, n=n, repeats=repeats) / 1e9
 
 
 def memory_bandwidth_gbs(mbytes: int = 256, repeats: int = 5) -> float:

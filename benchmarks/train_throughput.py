@@ -1,19 +1,24 @@
-"""Training-step throughput: lmlab's GPT against transformers.GPT2LMHeadModel.
+"""Training-step throughput: lmlab's GPT, eager and under torch.compile, against
+transformers.GPT2LMHeadModel.
 
 Same config (6 layers, 6 heads, width 384, context 256, vocab 8192), same weights, same batches
-(8 × 256), AdamW + gradient clipping, fp32, one process, steps alternated A/B. Each side uses its
-usual stack: transformers' model with torch's default AdamW (what the Trainer uses), lmlab's model
-with lmlab's task loss and optimizer (fused AdamW). Reports tokens/s, the ratio, and model FLOPs
-utilisation against the matmul peak measured here.
+(8 × 256), AdamW + gradient clipping, fp32, one process, steps alternated A/B/C. Each side uses
+its usual stack: transformers' model with torch's default AdamW (what the Trainer uses), lmlab's
+model with lmlab's task loss and optimizer (fused AdamW); "lmlab compiled" is the same with the
+forward under `torch.compile` (what `compile: true` does in the loop). Reports tokens/s, the
+ratios, and model FLOPs utilisation against the matmul peak that training measures
+(lmlab.training.perf.matmul_peak_flops).
 
-    python benchmarks/train_throughput.py [--rounds 8] [--write]
+    python benchmarks/train_throughput.py [--rounds 8] [--no-compile] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
+import time
 from datetime import date
 
 import torch
@@ -43,20 +48,36 @@ def build_pair():
     return hf, ours
 
 
+def lmlab_step(model: GPT, batch: dict[str, torch.Tensor], *, compile: bool):
+    """One optimizer step of lmlab's stack on its own copy of the model."""
+    runnable = torch.compile(model) if compile else model
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999))
+    task = CausalLMTask(train_tokens=None, val_tokens=None, block_size=SEQ, batch_size=BATCH,
+                        seed=0, device=torch.device("cpu"))
+    n_targets = batch["labels"].numel()
+
+    def step():
+        loss = task.loss(runnable, batch) / n_targets
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled contender")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
 
     hf, ours = build_pair()
     x = torch.randint(0, SHAPE["vocab_size"], (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     inputs, labels = x[:, :-1], x[:, 1:]
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.1)
-    our_opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999))
-    task = CausalLMTask(train_tokens=None, val_tokens=None, block_size=SEQ, batch_size=BATCH,
-                        seed=0, device=torch.device("cpu"))
     batch = {"input_ids": inputs, "labels": labels}
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.1)
 
     def hf_step():
         loss = hf(input_ids=inputs, labels=inputs).loss  # HF shifts labels itself
@@ -65,40 +86,47 @@ def main() -> None:
         hf_opt.step()
         hf_opt.zero_grad(set_to_none=True)
 
-    def our_step():
-        loss = task.loss(ours, batch) / labels.numel()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
-        our_opt.step()
-        our_opt.zero_grad(set_to_none=True)
-
-    # Same weights, same batch: the two models compute the same function.
+    # Same weights, same batch: the models compute the same function.
     with torch.no_grad():
         torch.testing.assert_close(ours(inputs), hf(input_ids=inputs).logits, atol=1e-4, rtol=0)
+    steps = {"transformers": hf_step, "lmlab eager": lmlab_step(ours, batch, compile=False)}
+    compile_seconds = None
+    if not args.no_compile:
+        compiled = copy.deepcopy(ours)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(compiled)(inputs), ours(inputs), atol=1e-4,
+                                       rtol=0)
+        steps["lmlab compiled"] = lmlab_step(compiled, batch, compile=True)
+        t0 = time.perf_counter()
+        steps["lmlab compiled"]()  # compilation of forward and backward
+        compile_seconds = time.perf_counter() - t0
 
     peak = matmul_peak_gflops()
-    times = alternate({"transformers": hf_step, "lmlab": our_step}, rounds=args.rounds)
+    times = alternate(steps, rounds=args.rounds)
     tokens = BATCH * SEQ
     flops_per_token = ours.flops_per_token(SEQ)
     rows = []
-    for name in ("transformers", "lmlab"):
+    for name in steps:
         tps = tokens / median(times[name])
-        mfu = tps * flops_per_token / (peak * 1e9)
-        rows.append((name, tps, mfu))
-    ratio = rows[1][1] / rows[0][1]
+        rows.append((name, tps, tps * flops_per_token / (peak * 1e9)))
+    base = rows[0][1]
     lines = [
         f"Training step, GPT {SHAPE['n_layer']}×{SHAPE['n_embd']} (vocab {SHAPE['vocab_size']}, "
         f"{ours.num_parameters() / 1e6:.1f}M parameters), batch {BATCH}×{SEQ}, fp32, AdamW + "
         f"clipping. Median of {args.rounds} alternating steps; {machine()}; measured "
-        f"{date.today().isoformat()}; matmul peak measured {peak:.0f} GFLOP/s; "
+        f"{date.today().isoformat()}; matmul peak measured {peak:.0f} GFLOP/s "
+        f"(lmlab.training.perf.matmul_peak_flops, 2048³ fp32); "
         f"{flops_per_token / 1e6:.1f} MFLOP per token (6N + 12·L·d·T).",
         "",
-        "| | tokens/s | MFU |",
-        "|---|---:|---:|",
+        "| | tokens/s | MFU | / transformers |",
+        "|---|---:|---:|---:|",
     ]
-    lines += [f"| {name} | {tps:,.0f} | {mfu:.0%} |" for name, tps, mfu in rows]
-    lines += ["", f"**lmlab / transformers: {ratio:.2f}×**",
-              "", "Reproduce: `python benchmarks/train_throughput.py --write`"]
+    lines += [f"| {name} | {tps:,.0f} | {mfu:.0%} | {tps / base:.2f}× |" for name, tps, mfu in rows]
+    if compile_seconds is not None:
+        eager, compiled_tps = rows[1][1], rows[2][1]
+        lines += ["", f"torch.compile: first step (compilation) {compile_seconds:.0f} s; "
+                  f"then compiled / eager **{compiled_tps / eager:.2f}×**."]
+    lines += ["", "Reproduce: `python benchmarks/train_throughput.py --write`"]
     report = "\n".join(lines)
     print(report)
     if args.write:
