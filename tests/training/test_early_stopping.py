@@ -52,6 +52,10 @@ def test_early_stopping_counts_evaluations_without_enough_improvement(tmp_path):
     evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
              if "accuracy" in r]
     assert [r["step"] for r in evals] == [0, 5, 10, 15, 20]
+    # resuming a run that stopped early trains no further
+    again = train(tiny_model(), ScriptedMetrics(make_task(corpus()), [0.0]), scripted_config(),
+                  run_dir=tmp_path, device=CPU, resume=True)
+    assert again.steps == 20 and again.stopped_early and again.best_step == 10
     # a loss-like metric falls: the direction is inferred from the name
     task = ScriptedMetrics(make_task(corpus()), [0.1, 0.5, 0.6, 0.6, 0.605, 0.9, 0.9])
     result = train(tiny_model(), task, scripted_config(metric="accuracy", greater_is_better=False),

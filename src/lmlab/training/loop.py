@@ -354,19 +354,15 @@ class _Trainer:
         self.model.train()
         bar = tqdm(total=self.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.dist.is_main))
-        self.bad_in_a_row, train_loss, stopped_early = 0, None, False
+        self.bad_in_a_row, train_loss = 0, None
+        stopped_early = self.tracker.should_stop  # resuming a run that had stopped early
         t_calibrate = time.perf_counter()
-        while self.step < self.max_steps:
+        while self.step < self.max_steps and not stopped_early:
             t0 = time.perf_counter()
             loss, grad_norm, lr = self.train_step()
             if self.bad_in_a_row >= cfg.max_bad_steps:
-                self.step += 1
-                self.save()  # the skipped updates left the weights at the last good state
                 bar.close()
-                raise TrainingStopped(
-                    f"{self.bad_in_a_row} non-finite steps in a row at step {self.step - 1}; "
-                    f"stopped. {self.run_dir / 'checkpoints'} holds the last good state (step "
-                    f"{self.step}) — lower lr or check the data, then --resume")
+                self.stop_non_finite()
             self.step += 1
             self.clock.steps += 1
             self.clock.seconds += time.perf_counter() - t0
@@ -408,6 +404,17 @@ class _Trainer:
             best_step=self.tracker.best_step, best_metrics=self.tracker.best_metrics,
             stopped_early=stopped_early, peak_memory_mb=peak_memory_mb(self.device),
             mfu=self.mfu())
+
+    def stop_non_finite(self) -> None:
+        """Too many non-finite steps in a row: checkpoint and stop. The skipped updates left
+        weights and optimizer at the last good state; the checkpoint resumes after the bad
+        batches."""
+        self.step += 1
+        self.save()
+        raise TrainingStopped(
+            f"{self.bad_in_a_row} non-finite steps in a row at step {self.step - 1}; stopped. "
+            f"{self.run_dir / 'checkpoints'} holds the last good state (step {self.step}) — "
+            "lower lr or check the data, then --resume")
 
     def mfu(self) -> float | None:
         if not (self.flops_per_step and self.peak_flops and self.clock.seconds):

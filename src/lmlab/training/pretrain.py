@@ -96,6 +96,7 @@ class PretrainConfig:
             raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"max_minutes must be > 0, got {self.max_minutes}")
+        self.loop_config(progress=False)  # its checks (early stopping, restore_best) now
 
     def loop_config(self, *, progress: bool) -> LoopConfig:
         return LoopConfig(
