@@ -7,16 +7,22 @@ The curated public API:
     tok = lmlab.Tokenizer.from_pretrained(path)
     out = model.generate(input_ids, max_new_tokens=32)
     model.save_pretrained(path2)
+    run = lmlab.finetune_classification(lmlab.FinetuneClassificationConfig(...), run_dir=d)
+    lmlab.evaluate(d, data=file); lmlab.predict(d, data=file, out=file2)
 """
 
 from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
 from lmlab.generation import GenerationConfig, generate, generate_tokens
 from lmlab.models import BertConfig, BertModel, GPT, GPTConfig, from_pretrained
 from lmlab.tokenizer import Tokenizer
+from lmlab.training.finetune import (FinetuneClassificationConfig, FinetuneQAConfig, evaluate,
+                                     finetune_classification, finetune_qa, predict)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BertConfig", "BertModel", "GPT", "GPTConfig", "GenerationConfig", "Tokenizer", "from_pretrained", "generate",
     "generate_tokens", "LmlabError", "ConfigError", "DataError", "CheckpointError",
+    "FinetuneClassificationConfig", "FinetuneQAConfig", "finetune_classification", "finetune_qa",
+    "evaluate", "predict",
 ]

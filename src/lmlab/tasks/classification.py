@@ -231,6 +231,7 @@ class ClassificationTask:
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.exclude_label = exclude_label
         self.rank, self.world_size = rank, world_size
+        self.last_val_probs: np.ndarray | None = None
         self.plan = None if train is None else EpochPlan(
             train.lengths, global_batch=batch_size * grad_accum * world_size, seed=seed,
             group_by_length=group_by_length)
@@ -258,5 +259,6 @@ class ClassificationTask:
         probs = predict_probabilities(model, self.val, batch_size=self.eval_batch_size,
                                       pad_id=self.pad_id, token_types=self.token_types,
                                       device=self.device)
+        self.last_val_probs = probs  # the final evaluation's, reused for its predictions file
         return metrics_of(probs, self.val.labels, exclude=self.exclude_label, prefix="val_")
 

@@ -287,9 +287,12 @@ def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str |
     tokenizer.model_max_length = cfg.max_length
     model.save_pretrained(run_dir, tokenizer=tokenizer)
     split, (examples, data) = ("test", test) if test else ("validation", val)
+    # Without a test split the report is on validation, which the final evaluation has just
+    # scored — with the weights now in the model if the best step was the last one.
+    known = task.last_val_probs if not test and result.best_step == result.steps else None
     model.eval()
     scores, predictions = _classification_report(model, cfg, examples, data, labels, task,
-                                                 run_dir=run_dir, split=split)
+                                                 run_dir=run_dir, split=split, probs=known)
     wall = _finish(run_dir, result, {"test": scores} if test else {}, t0)
     return FinetuneResult(run_dir=run_dir, train=result,
                           validation=result.best_metrics or result.metrics,
@@ -297,10 +300,13 @@ def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str |
 
 
 def _classification_report(model, cfg, examples, data: clf.Encoded, labels: list[str], task, *,
-                           run_dir: Path, split: str) -> tuple[dict[str, float], Path]:
+                           run_dir: Path, split: str,
+                           probs: np.ndarray | None = None) -> tuple[dict[str, float], Path]:
     """Metrics of `split`, its predictions file and confusion-matrix PNG."""
-    probs = clf.predict_probabilities(model, data, batch_size=cfg.eval_size, pad_id=task.pad_id,
-                                      token_types=task.token_types, device=task.device)
+    if probs is None:
+        probs = clf.predict_probabilities(model, data, batch_size=cfg.eval_size,
+                                          pad_id=task.pad_id, token_types=task.token_types,
+                                          device=task.device)
     predictions = write_jsonl(run_dir / f"predictions_{split}.jsonl",
                               _classification_rows(examples, probs, labels))
     scores = clf.metrics_of(probs, data.labels, exclude=task.exclude_label)
