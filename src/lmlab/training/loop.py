@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from lmlab.errors import ConfigError, LmlabError
+from lmlab.errors import CheckpointError, ConfigError, LmlabError
 from lmlab.training import checkpoint as ckpt_io
 from lmlab.training.distributed import Distributed, rng_state, set_rng_state
 from lmlab.training.early_stopping import BestTracker, default_greater_is_better
@@ -190,6 +190,9 @@ class _Trainer:
         weights, state = ckpt_io.read_checkpoint(latest) if self.dist.is_main else ({}, {})
         if self.dist.is_main:
             ckpt_io.check_weights(latest, weights, self.model)
+            if "tracker" not in state:
+                raise CheckpointError(f"{latest.path}: written by an older lmlab (no RNG or "
+                                      "early-stopping state); start a new run")
         self.dist.load_full_state(self.model, self.optimizer, weights, state.get("optimizer"))
         state = self.dist.broadcast({k: v for k, v in state.items() if k != "optimizer"})
         rngs = state["rng"]
