@@ -131,11 +131,6 @@ class Distributed:
     def load_full_state(self, model, optimizer, weights: dict[str, torch.Tensor],
                         optimizer_state: dict[str, Any] | None) -> None:
         """Load rank 0's full state into every rank's (possibly sharded) model and optimizer."""
-        from torch.distributed.checkpoint.state_dict import (
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
         if not self.active:
             # torch.distributed.checkpoint costs seconds to import; one process does not need it
             model.load_state_dict(weights, strict=False)  # checked by checkpoint.check_weights
@@ -143,6 +138,11 @@ class Distributed:
                 optimizer.load_state_dict(
                     positional_optimizer_state(model, optimizer, optimizer_state))
             return
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
         # Tied weights are stored once; the second name is filled by the tie itself.
         options = self._options(broadcast_from_rank0=self.active, strict=False)
         set_model_state_dict(model, weights if self.is_main else {}, options=options)
