@@ -11,7 +11,7 @@ import torch
 
 from lmlab import DataError, from_pretrained
 from lmlab.tasks import classification as clf
-from lmlab.tasks.batching import EpochPlan, rank_micro_batches
+from lmlab.tasks.batching import EpochPlan
 from lmlab.training.finetune import FinetuneClassificationConfig, finetune_classification
 
 
@@ -74,8 +74,8 @@ def test_csv_line_numbers_count_physical_lines(tmp_path):
 # -- batching ------------------------------------------------------------------------------------
 def test_epoch_plan_is_a_pure_function_of_seed_and_step():
     lengths = np.random.default_rng(0).integers(1, 50, size=103)
-    a = EpochPlan(lengths, global_batch=8, seed=3)
-    b = EpochPlan(lengths, global_batch=8, seed=3)
+    a = EpochPlan(lengths, batch_size=8, seed=3)
+    b = EpochPlan(lengths, batch_size=8, seed=3)
     assert a.steps_per_epoch == 13
     steps = [30, 2, 14, 2, 30]  # out of order, across epochs: the cache must not matter
     for step in steps:
@@ -84,7 +84,7 @@ def test_epoch_plan_is_a_pure_function_of_seed_and_step():
     assert sorted(epoch0.tolist()) == list(range(103))  # every example once per epoch
     epoch1 = np.concatenate([a.batch(s) for s in range(13, 26)])
     assert not np.array_equal(epoch0, epoch1)
-    assert not np.array_equal(EpochPlan(lengths, global_batch=8, seed=4).batch(0), a.batch(0))
+    assert not np.array_equal(EpochPlan(lengths, batch_size=8, seed=4).batch(0), a.batch(0))
 
 
 def test_length_grouping_cuts_padding():
@@ -93,17 +93,21 @@ def test_length_grouping_cuts_padding():
     def padded(plan):
         return sum(len(b) * lengths[b].max() for b in (plan.batch(s) for s in range(plan.steps_per_epoch)))
 
-    grouped = padded(EpochPlan(lengths, global_batch=32, seed=0))
-    shuffled = padded(EpochPlan(lengths, global_batch=32, seed=0, group_by_length=False))
+    grouped = padded(EpochPlan(lengths, batch_size=32, seed=0))
+    shuffled = padded(EpochPlan(lengths, batch_size=32, seed=0, group_by_length=False))
     assert grouped < 0.65 * shuffled, (grouped, shuffled, lengths.sum())
 
 
 def test_ranks_split_a_global_batch_exactly():
-    indices = np.arange(20)
-    parts = [rank_micro_batches(indices, rank=r, world_size=3, batch_size=4) for r in range(3)]
-    flat = sorted(int(i) for part in parts for micro in part for i in micro)
-    assert flat == list(range(20))
-    assert all(len(m) <= 4 for part in parts for m in part)
+    lengths = np.arange(50) % 7
+    plans = [EpochPlan(lengths, batch_size=4, grad_accum=2, seed=0, rank=r, world_size=3)
+             for r in range(3)]
+    assert plans[0].steps_per_epoch == 3  # 24 examples per step
+    for step in range(3):
+        parts = [plan.micro_batches(step) for plan in plans]
+        flat = sorted(int(i) for part in parts for micro in part for i in micro)
+        assert flat == sorted(plans[0].batch(step).tolist())
+        assert all(len(m) <= 4 for part in parts for m in part)
 
 
 def test_padding_does_not_change_logits(tiny_bert_dir, sentiment_files):
@@ -137,7 +141,7 @@ def run_config(model_dir, files, **overrides) -> FinetuneClassificationConfig:
 def test_tiny_model_learns_sentiment(family, tiny_bert_dir, tiny_gpt_dir, sentiment_files,
                                      tmp_path, single_thread):
     model_dir = tiny_bert_dir if family == "bert" else tiny_gpt_dir
-    cfg = run_config(model_dir, sentiment_files, epochs=6 if family == "gpt" else 4)
+    cfg = run_config(model_dir, sentiment_files, epochs=6)
     out = finetune_classification(cfg, run_dir=tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     accuracies = [r["val_accuracy"] for r in records if "val_accuracy" in r]

@@ -12,6 +12,7 @@ import torch
 
 from lmlab import DataError
 from lmlab.tasks import qa
+from lmlab.tasks.batching import EpochPlan
 from lmlab.tokenizer import Tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
@@ -154,11 +155,12 @@ def test_tiny_bert_span_loss_falls(tiny_bert_dir, tok, tmp_path, single_thread):
     windows = qa.make_windows(tok, examples, max_length=32, stride=8)
     torch.manual_seed(0)
     model = BertForQuestionAnswering.from_encoder(tiny_bert_dir)
+    plan = EpochPlan(windows.lengths, batch_size=16, seed=0)
     task = qa.QATask(train=windows, val=(examples[:16], qa.make_windows(
-        tok, examples[:16], max_length=32, stride=8)), batch_size=16, seed=0,
-        device=torch.device("cpu"), pad_id=0)
-    cfg = LoopConfig(max_steps=16 * task.steps_per_epoch, lr=5e-3, warmup_steps=4,
-                     eval_every=task.steps_per_epoch, metric="val_loss", eval_at_start=True)
+        tok, examples[:16], max_length=32, stride=8)), plan=plan, device=torch.device("cpu"),
+        pad_id=0)
+    cfg = LoopConfig(max_steps=16 * plan.steps_per_epoch, lr=5e-3, warmup_steps=4,
+                     eval_every=plan.steps_per_epoch, metric="val_loss", eval_at_start=True)
     result = train(model, task, cfg, run_dir=tmp_path, device=torch.device("cpu"))
     assert result.metrics["val_loss"] < 0.6 * result.first_metrics["val_loss"], result
     assert result.metrics["val_f1"] > result.first_metrics["val_f1"] + 10, result

@@ -20,14 +20,20 @@ import torch
 
 
 class EpochPlan:
-    def __init__(self, lengths: Sequence[int], *, global_batch: int, seed: int,
-                 group_by_length: bool = True, chunk_batches: int = 50):
+    """Which examples each optimizer step trains on: `global_batch` = batch_size × grad_accum ×
+    world_size examples per step, this rank's strided share of them in micro-batches of
+    `batch_size`."""
+
+    def __init__(self, lengths: Sequence[int], *, batch_size: int, grad_accum: int = 1,
+                 seed: int, group_by_length: bool = True, chunk_batches: int = 50,
+                 rank: int = 0, world_size: int = 1):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.size == 0:
             raise ValueError("no training examples")
-        self.global_batch, self.seed = global_batch, seed
-        self.group_by_length, self.chunk_batches = group_by_length, chunk_batches
-        self.steps_per_epoch = math.ceil(self.lengths.size / global_batch)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.global_batch = batch_size * grad_accum * world_size
+        self.seed, self.group_by_length, self.chunk_batches = seed, group_by_length, chunk_batches
+        self.steps_per_epoch = math.ceil(self.lengths.size / self.global_batch)
         self._cached: tuple[int, list[np.ndarray]] | None = None
 
     def batch(self, step: int) -> np.ndarray:
@@ -36,6 +42,12 @@ class EpochPlan:
         if self._cached is None or self._cached[0] != epoch:
             self._cached = (epoch, self._epoch(epoch))
         return self._cached[1][index]
+
+    def micro_batches(self, step: int) -> list[np.ndarray]:
+        """This rank's share of the global batch (strided, so lengths stay alike), split into
+        micro-batches."""
+        mine = self.batch(step)[self.rank::self.world_size]
+        return [mine[i:i + self.batch_size] for i in range(0, mine.size, self.batch_size)]
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -49,13 +61,6 @@ class EpochPlan:
             part = part[np.argsort(-self.lengths[part], kind="stable")]
             batches.extend(part[i:i + self.global_batch] for i in range(0, part.size, self.global_batch))
         return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def rank_micro_batches(indices: np.ndarray, *, rank: int, world_size: int,
-                       batch_size: int) -> list[np.ndarray]:
-    """This rank's share of a global batch (strided, so lengths stay alike), in micro-batches."""
-    mine = indices[rank::world_size]
-    return [mine[i:i + batch_size] for i in range(0, mine.size, batch_size)]
 
 
 def pad_rows(rows: Sequence[np.ndarray], pad: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.evaluation.classification import classification_metrics
-from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows, rank_micro_batches
+from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows
 from lmlab.tokenizer import Tokenizer
 
 FORMATS = ("auto", "jsonl", "csv", "tsv")
@@ -216,35 +216,22 @@ def metrics_of(probs: np.ndarray, gold: np.ndarray, *, exclude: int | None = Non
 # -- the task ----------------------------------------------------------------------------------
 class ClassificationTask:
     """Cross-entropy over labelled texts; evaluation = loss, accuracy and macro-F1 on the whole
-    validation split (`val_accuracy` etc.)."""
+    validation split (`val_accuracy` etc.). `plan` (None for evaluation only) says which training
+    examples each step and rank takes."""
 
-    def __init__(self, *, train: Encoded | None, val: Encoded | None, num_labels: int,
-                 batch_size: int, grad_accum: int = 1, seed: int, device: torch.device,
-                 pad_id: int, token_types: bool = True, eval_batch_size: int | None = None,
-                 group_by_length: bool = True, exclude_label: int | None = None,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, *, train: Encoded | None, val: Encoded | None, plan: EpochPlan | None,
+                 num_labels: int, device: torch.device, pad_id: int, token_types: bool = True,
+                 eval_batch_size: int = 64, exclude_label: int | None = None):
         if train is not None and train.labels is None:
             raise ConfigError("the training data has no labels")
-        self.train, self.val, self.num_labels = train, val, num_labels
-        self.batch_size, self.grad_accum, self.device = batch_size, grad_accum, device
-        self.pad_id, self.token_types = pad_id, token_types
-        self.eval_batch_size = eval_batch_size or 2 * batch_size
-        self.exclude_label = exclude_label
-        self.rank, self.world_size = rank, world_size
+        self.train, self.val, self.plan, self.num_labels = train, val, plan, num_labels
+        self.device, self.pad_id, self.token_types = device, pad_id, token_types
+        self.eval_batch_size, self.exclude_label = eval_batch_size, exclude_label
         self.last_val_probs: np.ndarray | None = None
-        self.plan = None if train is None else EpochPlan(
-            train.lengths, global_batch=batch_size * grad_accum * world_size, seed=seed,
-            group_by_length=group_by_length)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.plan.steps_per_epoch
 
     def train_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        micro = rank_micro_batches(self.plan.batch(step), rank=self.rank,
-                                   world_size=self.world_size, batch_size=self.batch_size)
         return [collate(self.train, rows, pad_id=self.pad_id, token_types=self.token_types,
-                        device=self.device) for rows in micro]
+                        device=self.device) for rows in self.plan.micro_batches(step)]
 
     def num_targets(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["labels"].numel()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import DataError
 from lmlab.evaluation.squad import squad_scores
-from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows, rank_micro_batches
+from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows
 from lmlab.tokenizer import Tokenizer
 
 
@@ -229,30 +229,19 @@ def best_spans(examples: Sequence[QAExample], windows: Windows, starts: Sequence
 # -- the task ----------------------------------------------------------------------------------
 class QATask:
     """Span-extraction loss over training windows; evaluation = SQuAD exact match and F1 (in
-    percent) of the decoded answers on the whole validation split, and the window loss."""
+    percent) of the decoded answers on the whole validation split, and the window loss. `plan`
+    (None for evaluation only) says which windows each step and rank takes."""
 
     def __init__(self, *, train: Windows | None, val: tuple[list[QAExample], Windows] | None,
-                 batch_size: int, grad_accum: int = 1, seed: int, device: torch.device,
-                 pad_id: int, eval_batch_size: int | None = None, n_best: int = 20,
-                 max_answer_length: int = 30, group_by_length: bool = True,
-                 rank: int = 0, world_size: int = 1):
-        self.train, self.val = train, val
-        self.batch_size, self.grad_accum, self.device, self.pad_id = batch_size, grad_accum, device, pad_id
-        self.eval_batch_size = eval_batch_size or 2 * batch_size
+                 plan: EpochPlan | None, device: torch.device, pad_id: int,
+                 eval_batch_size: int = 32, n_best: int = 20, max_answer_length: int = 30):
+        self.train, self.val, self.plan = train, val, plan
+        self.device, self.pad_id, self.eval_batch_size = device, pad_id, eval_batch_size
         self.n_best, self.max_answer_length = n_best, max_answer_length
-        self.rank, self.world_size = rank, world_size
-        self.plan = None if train is None else EpochPlan(
-            train.lengths, global_batch=batch_size * grad_accum * world_size, seed=seed,
-            group_by_length=group_by_length)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.plan.steps_per_epoch
 
     def train_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        micro = rank_micro_batches(self.plan.batch(step), rank=self.rank,
-                                   world_size=self.world_size, batch_size=self.batch_size)
-        return [collate(self.train, rows, pad_id=self.pad_id, device=self.device) for rows in micro]
+        return [collate(self.train, rows, pad_id=self.pad_id, device=self.device)
+                for rows in self.plan.micro_batches(step)]
 
     def num_targets(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["start_positions"].numel()

@@ -36,6 +36,7 @@ from lmlab.models.gpt import GPTForSequenceClassification
 from lmlab.models.hf import atomic_write_bytes, from_pretrained, read_config
 from lmlab.tasks import classification as clf
 from lmlab.tasks import qa
+from lmlab.tasks.batching import EpochPlan
 from lmlab.tokenizer import Tokenizer
 from lmlab.training.loop import LoopConfig, TrainResult, train
 from lmlab.training.plots import plot_run
@@ -92,6 +93,11 @@ class FinetuneConfig:
             raise ConfigError(f"patience and min_delta must be >= 0, got {self.patience}, {self.min_delta}")
         if not self.metric.startswith("val_"):
             raise ConfigError(f"metric: a validation figure such as val_accuracy, got {self.metric!r}")
+
+    def plan(self, lengths) -> EpochPlan:
+        """The epoch-based batching of training examples (or QA windows) of these lengths."""
+        return EpochPlan(lengths, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                         seed=self.seed, group_by_length=self.group_by_length)
 
     @property
     def eval_size(self) -> int:
@@ -168,6 +174,14 @@ def resolve_model(name: str) -> Path:
     return path
 
 
+def _start(cfg: FinetuneConfig, run_dir: Path, resume: bool) -> tuple[Path, torch.device, Path]:
+    """Check and create RUN_DIR (saving the resolved config), seed, pick the device, and find
+    the pretrained model."""
+    _prepare_run_dir(cfg, run_dir, resume)
+    torch.manual_seed(cfg.seed)
+    return run_dir, pick_device(cfg.device), resolve_model(cfg.model)
+
+
 def _prepare_run_dir(cfg: FinetuneConfig, run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir}: exists and is not a directory")
@@ -197,13 +211,13 @@ def _check_length(cfg: FinetuneConfig, model) -> None:
 
 def _train(cfg: FinetuneConfig, model, task, *, run_dir: Path, device, resume: bool,
            progress: bool) -> TrainResult:
-    tokens = sum(len(r) for r in task.train.ids)
-    loop = cfg.loop_config(task.steps_per_epoch, progress=progress)
-    log.info("%d examples → %d steps per epoch, %d steps; ≈%d tokens per epoch",
-             len(task.train), task.steps_per_epoch, loop.max_steps, tokens)
+    tokens, steps_per_epoch = int(task.plan.lengths.sum()), task.plan.steps_per_epoch
+    loop = cfg.loop_config(steps_per_epoch, progress=progress)
+    log.info("%d examples → %d steps per epoch, %d steps; %d tokens per epoch",
+             len(task.train), steps_per_epoch, loop.max_steps, tokens)
     return train(model, task, loop, run_dir=run_dir, device=device,
                  amp_dtype=autocast_dtype(device, cfg.precision), resume=resume,
-                 tokens_per_step=tokens // task.steps_per_epoch)
+                 tokens_per_step=tokens // steps_per_epoch)
 
 
 def _finish(run_dir: Path, result: TrainResult, extra: dict[str, Any], t0: float) -> float:
@@ -260,11 +274,7 @@ def _uses_token_types(model) -> bool:
 def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str | Path,
                             resume: bool = False, progress: bool = True) -> FinetuneResult:
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    _prepare_run_dir(cfg, run_dir, resume)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model_dir = resolve_model(cfg.model)
+    run_dir, device, model_dir = _start(cfg, Path(run_dir), resume)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     train_examples = clf.read_examples(Path(cfg.train), text_field=cfg.text_field,
                                        text_pair_field=cfg.text_pair_field,
@@ -278,10 +288,9 @@ def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str |
     model = build_classifier(model_dir, labels, tokenizer).to(device)
     _check_length(cfg, model)
     task = clf.ClassificationTask(
-        train=train_data, val=val[1], num_labels=len(labels), batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum, seed=cfg.seed, device=device, pad_id=_pad_id(tokenizer),
-        token_types=_uses_token_types(model), eval_batch_size=cfg.eval_size,
-        group_by_length=cfg.group_by_length, exclude_label=_exclude_id(cfg, labels))
+        train=train_data, val=val[1], plan=cfg.plan(train_data.lengths), num_labels=len(labels),
+        device=device, pad_id=_pad_id(tokenizer), token_types=_uses_token_types(model),
+        eval_batch_size=cfg.eval_size, exclude_label=_exclude_id(cfg, labels))
     result = _train(cfg, model, task, run_dir=run_dir, device=device, resume=resume,
                     progress=progress)
     tokenizer.model_max_length = cfg.max_length
@@ -339,11 +348,7 @@ def _qa_split(cfg: FinetuneQAConfig, path: str, titles, tokenizer: Tokenizer):
 def finetune_qa(cfg: FinetuneQAConfig, *, run_dir: str | Path, resume: bool = False,
                 progress: bool = True) -> FinetuneResult:
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    _prepare_run_dir(cfg, run_dir, resume)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model_dir = resolve_model(cfg.model)
+    run_dir, device, model_dir = _start(cfg, Path(run_dir), resume)
     if read_config(model_dir).get("model_type") != "bert":
         raise ConfigError(f"model: {model_dir} is not a BERT encoder; extractive QA needs one")
     tokenizer = Tokenizer.from_pretrained(model_dir)
@@ -352,10 +357,9 @@ def finetune_qa(cfg: FinetuneQAConfig, *, run_dir: str | Path, resume: bool = Fa
     test = _qa_split(cfg, cfg.test, cfg.test_titles, tokenizer) if cfg.test else None
     model = BertForQuestionAnswering.from_encoder(model_dir).to(device)
     _check_length(cfg, model)
-    task = qa.QATask(train=train_windows, val=val, batch_size=cfg.batch_size,
-                     grad_accum=cfg.grad_accum, seed=cfg.seed, device=device,
-                     pad_id=_pad_id(tokenizer), eval_batch_size=cfg.eval_size, n_best=cfg.n_best,
-                     max_answer_length=cfg.max_answer_length, group_by_length=cfg.group_by_length)
+    task = qa.QATask(train=train_windows, val=val, plan=cfg.plan(train_windows.lengths),
+                     device=device, pad_id=_pad_id(tokenizer), eval_batch_size=cfg.eval_size,
+                     n_best=cfg.n_best, max_answer_length=cfg.max_answer_length)
     result = _train(cfg, model, task, run_dir=run_dir, device=device, resume=resume,
                     progress=progress)
     tokenizer.model_max_length = cfg.max_length
@@ -417,11 +421,11 @@ def _run_task(kind: str, model, cfg, tokenizer: Tokenizer):
     labels = list(getattr(model.config, "id2label", None) or [])
     if kind == "classification":
         task = clf.ClassificationTask(
-            train=None, val=None, num_labels=len(labels), batch_size=cfg.batch_size, seed=0,
-            device=device, pad_id=_pad_id(tokenizer), token_types=_uses_token_types(model),
+            train=None, val=None, plan=None, num_labels=len(labels), device=device,
+            pad_id=_pad_id(tokenizer), token_types=_uses_token_types(model),
             eval_batch_size=cfg.eval_size, exclude_label=_exclude_id(cfg, labels))
     else:
-        task = qa.QATask(train=None, val=None, batch_size=cfg.batch_size, seed=0, device=device,
+        task = qa.QATask(train=None, val=None, plan=None, device=device,
                          pad_id=_pad_id(tokenizer), eval_batch_size=cfg.eval_size,
                          n_best=cfg.n_best, max_answer_length=cfg.max_answer_length)
     return task, labels
