@@ -71,7 +71,7 @@ def plot_confusion(counts: np.ndarray, names: Sequence[str], out: Path, *, title
     rows = counts.sum(1, keepdims=True)
     normalised = counts / np.maximum(rows, 1)
     small = n <= max_labelled
-    size = max(4.0, 0.45 * n) if small else 9.0
+    size = max(6.0, 0.45 * n) if small else 9.0
     fig, axes = plt.subplots(1, 1 if small else 2, figsize=(size if small else 16, size),
                              dpi=110, squeeze=False,
                              gridspec_kw=None if small else {"width_ratios": [1.1, 1]})
@@ -93,7 +93,7 @@ def plot_confusion(counts: np.ndarray, names: Sequence[str], out: Path, *, title
         side.text(0, 1, "most frequent confusions (count  gold → predicted)\n\n" + "\n".join(lines),
                   va="top", ha="left", family="monospace", fontsize=8)
     accuracy = np.trace(counts) / max(counts.sum(), 1)
-    fig.suptitle(f"{title}  accuracy {accuracy:.2%}  ({counts.sum()} examples)".strip())
+    fig.suptitle(f"{title}  accuracy {accuracy:.2%}  ({counts.sum()} examples)".strip(), fontsize=10)
     fig.tight_layout()
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
