@@ -213,3 +213,8 @@ def test_qa_finetune_evaluate_predict(capsys, tiny_bert_dir, tmp_path):
     code, _, _ = run_cli(capsys, "predict", out, "--data", val, "--out", tmp_path / "p.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert {r["id"]: r["answer"] for r in rows} == official
+    assert json.loads((tmp_path / "p.json").read_text()) == official
+    # an output named .json keeps the JSONL there and puts the {id: answer} form beside it
+    run_cli(capsys, "predict", out, "--data", val, "--out", tmp_path / "q.json")
+    assert len((tmp_path / "q.json").read_text().splitlines()) == 16
+    assert json.loads((tmp_path / "q.answers.json").read_text()) == official

@@ -389,7 +389,8 @@ def _qa_report(model, task: qa.QATask, examples, windows, *, run_dir: Path | Non
     out = out or run_dir / f"predictions_{split}.jsonl"
     write_jsonl(out, rows)
     official = {e.id: text for e, (text, _) in zip(examples, spans)}
-    atomic_write_bytes(out.with_suffix(".json"), json.dumps(official, ensure_ascii=False).encode())
+    beside = out.with_suffix(".json") if out.suffix != ".json" else out.with_suffix(".answers.json")
+    atomic_write_bytes(beside, json.dumps(official, ensure_ascii=False).encode())
     labelled = [(e.id, e.answers) for e in examples if e.answers]
     return (squad_scores(official, labelled) if labelled else {}), out
 
