@@ -142,7 +142,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        update_section("finetune_speed", "## Fine-tuning speed (benchmarks/finetune_speed.py)\n\n" + body)
+        update_section("finetune_speed", body)
 
 
 if __name__ == "__main__":
