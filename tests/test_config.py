@@ -13,7 +13,9 @@ from lmlab.errors import ConfigError
 from lmlab.training.pretrain import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_CONFIGS = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "configs").rglob("*.yml"))
+# Pretraining presets; configs/finetune/* are fine-tuning configs, loaded by
+# tests/cli/test_cli_finetune.py.
+SHIPPED_CONFIGS = sorted((REPO / "configs" / "pretrain").rglob("*.y*ml"))
 
 
 @dataclass
