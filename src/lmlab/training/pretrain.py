@@ -1,4 +1,4 @@
-"""`lmlab pretrain`: data → tokenizer → GPT → the training loop → a Hugging Face-layout model.
+"""`lmlab pretrain`: data → tokenizer → GPT (or BERT) → the training loop → a Hugging Face-layout model.
 
 The final model lands in RUN_DIR itself (config.json, model.safetensors, tokenizer files), so
 `lmlab.from_pretrained(RUN_DIR)` loads it; RUN_DIR also holds the resolved config
@@ -20,9 +20,11 @@ from lmlab.config import dump_yaml
 from lmlab.data.dataset import META_FILE, TokenDataset
 from lmlab.data.prepare import build_tokenizer, prepare_dataset
 from lmlab.errors import ConfigError, DataError
+from lmlab.models.bert import BertConfig, BertForMaskedLM, BertForPreTraining
 from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.models.hf import atomic_write_bytes, from_pretrained
 from lmlab.tasks.causal_lm import CausalLMTask
+from lmlab.tasks.masked_lm import MaskedLMTask
 from lmlab.tokenizer import Tokenizer
 from lmlab.training.distributed import from_environment
 from lmlab.training.loop import LoopConfig, TrainResult, train
@@ -36,9 +38,13 @@ log = logging.getLogger(__name__)
 class PretrainConfig:
     # -- data
     data: str | None = None  # a prepared dataset (lmlab prepare), or raw text files/folders/globs/JSONL
-    tokenizer: str = "bpe"  # for raw text: "bpe" (train byte-level BPE), "char", or a tokenizer directory
-    vocab_size: int = 8192  # BPE vocabulary size when a tokenizer is trained on the fly
+    tokenizer: str = "auto"  # for raw text: "bpe", "wordpiece", "char", a tokenizer directory; "auto" = bpe (causal) / wordpiece (mlm)
+    vocab_size: int = 8192  # BPE / WordPiece vocabulary size when a tokenizer is trained on the fly
     val_fraction: float = 0.1
+    # -- objective
+    objective: Literal["causal", "mlm", "mlm+nsp"] = "causal"  # GPT next-token, or BERT masked LM (+ next sentence)
+    mask_prob: float = 0.15  # mlm: share of tokens predicted (80% -> [MASK], 10% random, 10% kept)
+    whole_word_mask: bool = False  # mlm: mask a WordPiece word together with its '##' pieces
     # -- model
     init_from: str | None = None  # start from a pretrained model directory (continued pretraining)
     n_layer: int = 6
@@ -82,6 +88,16 @@ class PretrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def __post_init__(self):
+        if self.tokenizer == "auto":  # masked LM needs [MASK] (and [CLS]/[SEP]): WordPiece
+            self.tokenizer = "bpe" if self.objective == "causal" else "wordpiece"
+        if not 0 < self.mask_prob < 1:
+            raise ConfigError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.objective != "causal" and self.tokenizer in ("bpe", "char"):
+            raise ConfigError(f"objective {self.objective} needs a tokenizer with a mask token;"
+                              f" {self.tokenizer} has none: use tokenizer wordpiece (the default"
+                              " for mlm) or a BERT tokenizer directory")
+        if self.whole_word_mask and self.objective == "causal":
+            raise ConfigError("whole_word_mask applies to objective mlm or mlm+nsp, not causal")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
                     "max_steps", "log_every", "vocab_size")
         for name in positive:
@@ -133,9 +149,15 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
 
 
 def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> torch.nn.Module:
-    """The model to train, on the CPU: a new GPT shaped by `cfg`, or `cfg.init_from`'s."""
+    """The model to train, on the CPU: a new GPT (or BERT, for the mlm objectives) shaped by
+    `cfg`, or `cfg.init_from`'s."""
+    if cfg.objective != "causal":
+        return build_bert(cfg, tokenizer)
     if cfg.init_from is not None:
         model = from_pretrained(cfg.init_from)
+        if not isinstance(model, GPT):
+            raise ConfigError(f"init_from {cfg.init_from}: a {type(model).__name__} cannot be "
+                              "trained as a causal LM; use objective mlm or mlm+nsp")
         if model.config.n_positions < cfg.block_size:
             raise ConfigError(f"block_size {cfg.block_size} exceeds {cfg.init_from}'s context "
                               f"window ({model.config.n_positions})")
@@ -149,11 +171,41 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     ))
 
 
+def build_bert(cfg: PretrainConfig, tokenizer: Tokenizer) -> BertForPreTraining | BertForMaskedLM:
+    """BertForPreTraining (mlm+nsp) or BertForMaskedLM (mlm): new, BERT-shaped from `cfg`
+    (intermediate size 4 × n_embd), or `cfg.init_from`'s encoder with the heads it has."""
+    cls = BertForPreTraining if cfg.objective == "mlm+nsp" else BertForMaskedLM
+    if cfg.init_from is not None:
+        model = cls.from_encoder(cfg.init_from)
+        if model.config.max_position_embeddings < cfg.block_size:
+            raise ConfigError(f"block_size {cfg.block_size} exceeds {cfg.init_from}'s "
+                              f"max_position_embeddings ({model.config.max_position_embeddings})")
+        return model
+    return cls(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd,
+        hidden_act=cfg.activation, hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout, max_position_embeddings=cfg.block_size,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
 def build_task(cfg: PretrainConfig, dataset: TokenDataset, device: torch.device, rank: int,
-               world_size: int) -> CausalLMTask:
+               world_size: int) -> CausalLMTask | MaskedLMTask:
     """The objective: this rank's slice of every global batch, and the evaluation."""
-    val = dataset.split("val") if dataset.meta.splits.get("val") and \
-        dataset.meta.splits["val"].tokens > cfg.block_size else None
+    has_val = bool(dataset.meta.splits.get("val")) and \
+        dataset.meta.splits["val"].tokens > cfg.block_size
+    val = dataset.split("val") if has_val else None
+    if cfg.objective != "causal":
+        return MaskedLMTask(
+            tokenizer=Tokenizer.from_pretrained(dataset.path), train_tokens=dataset.split("train"),
+            train_doc_ends=dataset.document_ends("train"), val_tokens=val,
+            val_doc_ends=dataset.document_ends("val") if has_val else None,
+            block_size=cfg.block_size, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+            seed=cfg.seed, device=device, nsp=cfg.objective == "mlm+nsp", mask_prob=cfg.mask_prob,
+            whole_word=cfg.whole_word_mask, eval_tokens=cfg.eval_tokens, rank=rank,
+            world_size=world_size,
+        )
     return CausalLMTask(
         train_tokens=dataset.split("train"), val_tokens=val, block_size=cfg.block_size,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed, device=device,
@@ -251,5 +303,6 @@ def _save_final(cfg: PretrainConfig, model, weights, tokenizer: Tokenizer, run_d
     if sharded:  # the trained model is in pieces across ranks: save a whole copy
         model = build_model(cfg, tokenizer)
         model.load_state_dict(weights, strict=False)
-    tokenizer.model_max_length = model.config.n_positions
+    config = model.config  # GPT's context is n_positions, BERT's max_position_embeddings
+    tokenizer.model_max_length = getattr(config, "n_positions", None) or config.max_position_embeddings
     model.save_pretrained(run_dir, tokenizer=tokenizer)
