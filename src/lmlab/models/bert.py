@@ -308,9 +308,12 @@ class BertForPreTraining(BertPreTrainedModel):
         """(B, 2): index 0 = B follows A, 1 = B is random (the HF / original BERT convention)."""
         return self.cls.seq_relationship(self.bert.pool(hidden))
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, masked=None):
+        """(MLM logits, NSP logits); with a boolean `masked` (B, T), MLM logits only at those
+        positions, (n_masked, vocab)."""
         hidden = self.bert(input_ids, attention_mask, token_type_ids)
-        return self.mlm_logits(hidden), self.nsp_logits(hidden)
+        return (self.mlm_logits(hidden if masked is None else hidden[masked]),
+                self.nsp_logits(hidden))
 
 
 class BertForMaskedLM(BertPreTrainedModel):
@@ -324,8 +327,9 @@ class BertForMaskedLM(BertPreTrainedModel):
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.cls.predictions(hidden)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        return self.mlm_logits(self.bert(input_ids, attention_mask, token_type_ids))
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, masked=None):
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        return self.mlm_logits(hidden if masked is None else hidden[masked])
 
 
 class BertForSequenceClassification(BertPreTrainedModel):

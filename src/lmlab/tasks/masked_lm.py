@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from lmlab.data.masking import IGNORE_INDEX, MaskingSpec, mask_sequence
 from lmlab.data.segments import Documents, mlm_window, nsp_pair, pack
 from lmlab.errors import ConfigError, DataError
-from lmlab.models.bert import BertForMaskedLM, BertForPreTraining
 
 log = logging.getLogger(__name__)
 EVAL_SEED = 20_190_524  # validation masking: fixed, and the same for every run
@@ -155,18 +154,13 @@ class MaskedLMTask:
 
     # -- loss ----------------------------------------------------------------------------------
     def _logits(self, model, batch: dict, masked: torch.Tensor):
-        """(MLM logits at the masked positions, NSP logits or None)."""
-        args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        if type(model) in (BertForPreTraining, BertForMaskedLM):
-            # A plain module: score only the ~15% masked positions — the (T × vocab) output
-            # product is the largest matmul of a small BERT.
-            hidden = model.bert(*args)
-            nsp = model.nsp_logits(hidden) if isinstance(model, BertForPreTraining) else None
-            return model.mlm_logits(hidden[masked]), nsp
-        # Wrapped (DDP, FSDP, torch.compile): only the wrapper's forward keeps gradients in sync.
-        out = model(args[0], attention_mask=args[1], token_type_ids=args[2])
-        full, nsp = out if isinstance(out, tuple) else (out, None)
-        return full[masked], nsp
+        """(MLM logits at the masked positions, NSP logits or None). The model scores only the
+        ~15% masked positions — the (T × vocab) output product is the largest matmul of a small
+        BERT — and is called through its forward, so that DDP / FSDP / torch.compile wrappers
+        keep gradients in sync."""
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                    token_type_ids=batch["token_type_ids"], masked=masked)
+        return out if isinstance(out, tuple) else (out, None)
 
     def _losses(self, model, batch: dict):
         labels = batch["labels"]
