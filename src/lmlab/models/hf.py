@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.fileio import atomic_path, atomic_write_bytes
 from lmlab.models import bert
 from lmlab.models.gpt import GPT, GPTConfig, GPTForSequenceClassification
 
@@ -413,19 +412,6 @@ def load_gpt(directory: Path, config_dict: dict[str, Any], *, dtype, device) -> 
     return model.to(device).eval()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_hf(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config.json dict, HF-named fp32 state dict) for any lmlab model."""
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
@@ -447,14 +433,8 @@ def save_pretrained(model: torch.nn.Module, directory, *, tokenizer=None) -> Non
     directory.mkdir(parents=True, exist_ok=True)
     hf_config, hf_state = to_hf(model)
     # Weights first, config last: a directory whose config.json exists is a complete checkpoint.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.safetensors.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(directory / "model.safetensors") as tmp:
         save_file(hf_state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, directory / "model.safetensors")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     config = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as Backend
 
 from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
+from lmlab.fileio import atomic_write_text
 from lmlab.tokenizer import wordpiece
 from lmlab.tokenizer.encoding import EncodedBatch, Encoding, Padding, Truncation, encode_pairs
 
@@ -231,10 +230,10 @@ class Tokenizer:
             # options transformers' BertTokenizer needs to rebuild the same pipeline from it.
             config.update(tokenizer_class="BertTokenizer",
                           **wordpiece.normalizer_options(self._backend))
-            _write_atomic(directory / "vocab.txt", wordpiece.vocab_lines(self._backend))
-        _write_atomic(directory / "tokenizer.json", self._backend.to_str(pretty=True))
-        _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2))
-        _write_atomic(directory / "special_tokens_map.json", json.dumps(present, indent=2))
+            atomic_write_text(directory / "vocab.txt", wordpiece.vocab_lines(self._backend))
+        atomic_write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2))
+        atomic_write_text(directory / "special_tokens_map.json", json.dumps(present, indent=2))
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; `add_special_tokens` runs the post-processor (GPT-2's adds
@@ -525,19 +524,3 @@ def _read_roles(config: dict[str, Any], backend: Backend,
                                   f" object, got {value!r}")
         roles[key] = value
     return roles
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # Write a temporary file beside the target and rename it, so a crash never leaves a
-    # half-written file that a later run would trust.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; tokenizer files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -33,7 +33,8 @@ from lmlab.evaluation.classification import confusion_matrix, plot_confusion
 from lmlab.evaluation.squad import best_over_gold, squad_scores
 from lmlab.models.bert import BertForQuestionAnswering, BertForSequenceClassification
 from lmlab.models.gpt import GPTForSequenceClassification
-from lmlab.models.hf import atomic_write_bytes, from_pretrained, read_config
+from lmlab.fileio import atomic_write_bytes
+from lmlab.models.hf import from_pretrained, read_config
 from lmlab.tasks import classification as clf
 from lmlab.tasks import qa
 from lmlab.tasks.batching import EpochPlan

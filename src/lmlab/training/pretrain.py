@@ -22,7 +22,8 @@ from lmlab.data.prepare import build_tokenizer, prepare_dataset
 from lmlab.errors import ConfigError, DataError
 from lmlab.models.bert import BertConfig, BertForMaskedLM, BertForPreTraining
 from lmlab.models.gpt import GPT, GPTConfig
-from lmlab.models.hf import atomic_write_bytes, from_pretrained
+from lmlab.fileio import atomic_write_bytes
+from lmlab.models.hf import from_pretrained
 from lmlab.tasks.causal_lm import CausalLMTask
 from lmlab.tasks.masked_lm import MaskedLMTask
 from lmlab.tokenizer import Tokenizer

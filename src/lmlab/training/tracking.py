@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmlab.models.hf import atomic_write_bytes
+from lmlab.fileio import atomic_write_bytes
 
 
 class MetricsLog:
