@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
-from lmlab.models.layers import ACTIVATIONS, Linear, attention
+from lmlab.models.layers import ACTIVATIONS, Linear, label_names, attention
 
 
 
@@ -57,9 +57,7 @@ class BertConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.id2label is not None:
-            self.id2label = [str(label) for label in self.id2label]
-            if len(set(self.id2label)) != len(self.id2label):
-                raise ConfigError(f"id2label has duplicate labels: {self.id2label}")
+            self.id2label = label_names(self.id2label)
             self.num_labels = len(self.id2label)
 
     @property

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from lmlab.errors import ConfigError
 from lmlab.models.kv_cache import KVCache
-from lmlab.models.layers import ACTIVATIONS, Linear, attention, padded_causal_mask
+from lmlab.models.layers import ACTIVATIONS, Linear, label_names, attention, padded_causal_mask
 
 
 @dataclass
@@ -42,9 +42,7 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.id2label is not None:
-            self.id2label = [str(label) for label in self.id2label]
-            if len(set(self.id2label)) != len(self.id2label):
-                raise ConfigError(f"id2label has duplicate labels: {self.id2label}")
+            self.id2label = label_names(self.id2label)
             self.num_labels = len(self.id2label)
         if self.num_labels <= 0:
             raise ConfigError(f"num_labels must be positive, got {self.num_labels}")

@@ -70,19 +70,29 @@ GPT2_TRANSPOSED = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weig
 GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
-def gpt2_config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
+def config_values(hf: dict[str, Any], where: str, *, keys: dict[str, str],
+                  required: dict[str, Any], ignored: set[str]) -> dict[str, Any]:
+    """Our config fields from an HF config.json, by a family's tables: `keys` maps HF key → our
+    field; a `required` key must hold its one supported value; any key in neither table nor
+    `ignored` is an error — an option lmlab does not implement is never silently dropped."""
     values = {}
     for key, value in hf.items():
-        if key in GPT2_CONFIG_KEYS:
-            values[GPT2_CONFIG_KEYS[key]] = value
-        elif key in GPT2_REQUIRED_VALUES:
-            if value != GPT2_REQUIRED_VALUES[key]:
+        if key in keys:
+            values[keys[key]] = value
+        elif key in required:
+            if value != required[key]:
                 raise CheckpointError(
                     f"{where}: '{key}': {json.dumps(value)} is not supported by lmlab "
-                    f"(only {json.dumps(GPT2_REQUIRED_VALUES[key])})"
+                    f"(only {json.dumps(required[key])})"
                 )
-        elif key not in HF_IGNORED_KEYS:
+        elif key not in ignored:
             raise CheckpointError(f"{where}: config option '{key}' is not supported by lmlab")
+    return values
+
+
+def gpt2_config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
+    values = config_values(hf, where, keys=GPT2_CONFIG_KEYS, required=GPT2_REQUIRED_VALUES,
+                           ignored=HF_IGNORED_KEYS)
     if values.get("activation", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu"):
         raise CheckpointError(
             f"{where}: activation_function {values['activation']!r} is not supported "
@@ -192,18 +202,8 @@ BERT_LEGACY_RENAMES = ((".gamma", ".weight"), (".beta", ".bias"))
 
 
 def bert_config_from_hf(hf: dict[str, Any], where: str, **overrides) -> bert.BertConfig:
-    values: dict[str, Any] = {}
-    for key, value in hf.items():
-        if key in BERT_CONFIG_KEYS:
-            values[key] = value
-        elif key in BERT_REQUIRED_VALUES:
-            if value != BERT_REQUIRED_VALUES[key]:
-                raise CheckpointError(
-                    f"{where}: '{key}': {json.dumps(value)} is not supported by lmlab "
-                    f"(only {json.dumps(BERT_REQUIRED_VALUES[key])})"
-                )
-        elif key not in BERT_IGNORED_KEYS:
-            raise CheckpointError(f"{where}: config option '{key}' is not supported by lmlab")
+    values = config_values(hf, where, keys={key: key for key in BERT_CONFIG_KEYS},
+                           required=BERT_REQUIRED_VALUES, ignored=BERT_IGNORED_KEYS)
     values.update(labels_from_hf(hf, where))
     values.update(overrides)
     try:

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmlab.errors import ConfigError
+
 # GPT-2 uses the tanh approximation of GELU ("gelu_new"); BERT the exact one; the original
 # Transformer ReLU. F.gelu(approximate="tanh") is one fused kernel, where transformers'
 # NewGELUActivation is a chain of five element-wise ops.
@@ -17,6 +19,14 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "relu": F.relu,
 }
+
+
+def label_names(id2label) -> list[str]:
+    """A classifier config's label names as strings, refusing duplicates (both families' configs)."""
+    names = [str(label) for label in id2label]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"id2label has duplicate labels: {names}")
+    return names
 
 
 def _onednn_available() -> bool:
