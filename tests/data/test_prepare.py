@@ -158,7 +158,15 @@ def test_jsonl_documents_split_by_line(tmp_path: Path) -> None:
     assert sorted(train + val) == sorted(texts)
 
 
+def test_document_split_is_the_same_wherever_the_corpus_lies(tmp_path: Path) -> None:
+    for place in ("a", "b/c"):
+        many_docs(tmp_path / place, 100)
+        prepare_dataset(tmp_path / place, tokenizer=ByteTokenizer(), out_dir=tmp_path / place / "ds")
+    assert documents(tmp_path / "a" / "ds", "val") == documents(tmp_path / "b/c" / "ds", "val")
+
+
 def test_empty_document_split_falls_back_to_tail(tmp_path: Path) -> None:
+    # The keys docs.jsonl:1 … :25 are fixed, and none of their hashes falls below 0.001.
     texts = many_docs(tmp_path / "c", 25)
     info = prepare_dataset(tmp_path / "c", tokenizer=ByteTokenizer(), out_dir=tmp_path / "ds",
                            val_fraction=0.001, split="document")

@@ -159,3 +159,18 @@ def test_large_file_reports_the_absolute_byte_offset(tmp_path: Path, small_chunk
     path = write(tmp_path / "big.txt", data.encode() + b"\xff" + b"z" * 100)
     with pytest.raises(DataError, match=f"big.txt: not valid UTF-8 at byte {len(data)}"):
         list(iter_documents(path))
+
+
+def test_keys_do_not_depend_on_where_the_corpus_lies(tmp_path: Path) -> None:
+    """The train/val hash reads `key`: the same corpus in two folders gets the same keys."""
+    for place in ("here", "there/deeper"):
+        root = tmp_path / place
+        write(root / "sub" / "a.txt", "one\n\ntwo")
+        write(root / "b.jsonl", json.dumps({"text": "x"}) + "\n")
+    keys = {place: [d.key for d in iter_documents(tmp_path / place, separator=r"\n\n")]
+            for place in ("here", "there/deeper")}
+    assert keys["here"] == keys["there/deeper"] == ["b.jsonl:1", "sub/a.txt@0", "sub/a.txt@1"]
+    named = tmp_path / "here" / "b.jsonl"
+    assert [d.key for d in iter_documents(named)] == ["b.jsonl:1"]
+    pattern = str(tmp_path / "here" / "**" / "*.txt")
+    assert [d.key for d in iter_documents(pattern)] == ["sub/a.txt"]

@@ -6,8 +6,9 @@ has none), as in GPT-2 pretraining data; `<split>.docs.bin` records where each d
 (int64 token offsets), which next-sentence prediction needs — a WordPiece stream has no EOS to
 find them by. How val is chosen:
 - `val_sources` given: those documents are val, `sources` are train (recorded as "sources");
-- "document": a document is val iff a hash of its `source` (file, `file:line` or `file#chunk`)
-  is below `val_fraction`: deterministic and independent of the order of the files;
+- "document": a document is val iff a hash of its `key` (its file relative to the folder or glob
+  it was found through, plus `:line`, `#chunk` or `@piece`) is below `val_fraction`:
+  deterministic, independent of the order of the files and of where the corpus lies;
 - "tail": the last `val_fraction` of the token stream (nanoGPT's 90/10 split of one text);
 - "auto": "document" with at least `AUTO_MIN_DOCUMENTS` documents, else "tail".
 A document split that leaves val empty (tiny corpus, unlucky hash) falls back to the tail split,
@@ -84,7 +85,7 @@ class _SplitWriter:
 
 
 def _in_val(doc: Document, val_fraction: float) -> bool:
-    digest = hashlib.sha256(doc.source.encode("utf-8")).digest()
+    digest = hashlib.sha256((doc.key or doc.source).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmlab.errors import ConfigError, DataError
@@ -41,10 +41,17 @@ SourceArg = str | Path | Sequence[str | Path]
 
 @dataclass(frozen=True)
 class Document:
-    """One document: `source` names where it came from (`file`, `file:line` or `file#chunk`)."""
+    """One document: `source` names where it came from (`file`, `file:line` or `file#chunk`).
+
+    `key` is the same name with the file given relative to the source argument it was found
+    through (a directory's relative path, a glob's matches relative to the pattern's fixed
+    prefix, a named file's base name): it does not depend on where the corpus lies, so a hash of
+    it splits train/val the same way on every machine and in every temporary folder.
+    """
 
     source: str
     text: str
+    key: str = field(default="", compare=False, repr=False)
 
 
 def as_source_list(sources: SourceArg) -> list[str | Path]:
@@ -52,6 +59,20 @@ def as_source_list(sources: SourceArg) -> list[str | Path]:
     if isinstance(sources, (str, Path)):
         return [sources]
     return list(sources)
+
+
+def _relative_key(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path != root else path.name
+
+
+def _glob_root(pattern: str) -> Path:
+    """The leading part of a glob pattern that holds no wildcard: matches are keyed from it."""
+    root = Path()
+    for part in Path(pattern).parts:
+        if _GLOB_CHARS & set(part):
+            break
+        root /= part
+    return root
 
 
 def _walk_directory(root: Path) -> list[Path]:
@@ -73,32 +94,38 @@ def list_files(sources: SourceArg) -> list[Path]:
     (`**` allowed) their sorted matches. A missing path, a glob with no match or a directory
     without text files is a `DataError` naming it.
     """
+    return list(_keyed_files(sources))
+
+
+def _keyed_files(sources: SourceArg) -> dict[Path, str]:
+    """`list_files` with each file's location-independent key (see `Document.key`)."""
     items = as_source_list(sources)
     if not items:
         raise DataError("no data sources given; pass at least one file, directory or glob")
-    files: list[Path] = []
+    files: dict[Path, str] = {}
     for item in items:
         path = Path(item)
         if path.is_file():
-            files.append(path)
+            found, root = [path], path
         elif path.is_dir():
-            found = _walk_directory(path)
+            found, root = _walk_directory(path), path
             if not found:
                 wanted = " ".join(sorted(TEXT_SUFFIXES))
                 raise DataError(f"{path}: directory contains no text files (looked for {wanted})")
-            files.extend(found)
         elif _GLOB_CHARS & set(str(item)):
             matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
-            found = []
+            found, root = [], _glob_root(str(item))
             for match in matches:
                 found.extend(_walk_directory(match) if match.is_dir() else [match])
             if not found:
                 raise DataError(f"{item}: glob pattern matched no files")
-            files.extend(found)
         else:
             raise DataError(f"{path}: no such file or directory")
-    # The same file reached twice (a folder and a glob over it) would silently double its weight.
-    return list(dict.fromkeys(files))
+        for file in found:
+            # The same file reached twice (a folder and a glob over it) would silently double
+            # its weight; it keeps the key of the first argument that reached it.
+            files.setdefault(file, _relative_key(file, root))
+    return files
 
 
 def iter_documents(sources: SourceArg, *, text_field: str = "text",
@@ -111,7 +138,7 @@ def iter_documents(sources: SourceArg, *, text_field: str = "text",
     documents named `file@N` (the match itself is dropped; blank pieces are skipped).
     """
     pattern = _separator(separator)
-    files = list_files(sources)
+    files = _keyed_files(sources)
     return _stream(files, sources, text_field, pattern)
 
 
@@ -138,15 +165,16 @@ def _split(docs: Iterator[Document], pattern: re.Pattern | None) -> Iterator[Doc
     for doc in docs:
         pieces = (piece for piece in pattern.split(doc.text) if piece.strip())
         for index, piece in enumerate(pieces):
-            yield Document(source=f"{doc.source}@{index}", text=piece)
+            yield Document(source=f"{doc.source}@{index}", text=piece, key=f"{doc.key}@{index}")
 
 
-def _stream(files: list[Path], sources: SourceArg, text_field: str,
+def _stream(files: dict[Path, str], sources: SourceArg, text_field: str,
             pattern: re.Pattern | None) -> Iterator[Document]:
     count = 0
-    for path in files:
+    for path, key in files.items():
         is_jsonl = path.suffix.lower() == ".jsonl"
-        reader = _read_jsonl(path, text_field) if is_jsonl else _split(_read_text(path), pattern)
+        reader = (_read_jsonl(path, key, text_field) if is_jsonl
+                  else _split(_read_text(path, key), pattern))
         for doc in reader:
             count += 1
             yield doc
@@ -165,15 +193,16 @@ def _decode(data: bytes, *, path: Path, offset: int) -> str:
         ) from None
 
 
-def _read_text(path: Path) -> Iterator[Document]:
+def _read_text(path: Path, key: str) -> Iterator[Document]:
     if path.stat().st_size <= LARGE_FILE_BYTES:
         text = _decode(path.read_bytes(), path=path, offset=0)
         if text:
-            yield Document(source=str(path), text=text)
+            yield Document(source=str(path), text=text, key=key)
         return
     logger.info("%s is larger than %d bytes; reading it in chunks", path, LARGE_FILE_BYTES)
     for index, (offset, data) in enumerate(_chunks(path)):
-        yield Document(source=f"{path}#{index}", text=_decode(data, path=path, offset=offset))
+        yield Document(source=f"{path}#{index}", text=_decode(data, path=path, offset=offset),
+                       key=f"{key}#{index}")
 
 
 def _chunks(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -207,7 +236,7 @@ def _cut_point(buf: bytes) -> int:
     return len(buf)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+def _read_jsonl(path: Path, key: str, text_field: str) -> Iterator[Document]:
     with open(path, "rb") as f:
         offset = 0
         for lineno, raw in enumerate(f, start=1):
@@ -233,4 +262,4 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
                     f"{path} line {lineno}: field '{text_field}' must be a string, got {kind}"
                 )
             if text:
-                yield Document(source=f"{path}:{lineno}", text=text)
+                yield Document(source=f"{path}:{lineno}", text=text, key=f"{key}:{lineno}")
