@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmlab.data.dataset import iter_eval_batches, sample_batch
+from lmlab.tasks.losses import summed_cross_entropy
 
 
 class CausalLMTask:
@@ -62,11 +62,8 @@ class CausalLMTask:
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy over every target token (the loop normalises)."""
         logits = model(batch["input_ids"])
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            batch["labels"].reshape(-1),
-            reduction="sum",
-        )
+        return summed_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                    batch["labels"].reshape(-1))
 
     @torch.inference_mode()
     def evaluate(self, model, *, final: bool = False) -> dict[str, float]:

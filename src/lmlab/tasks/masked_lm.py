@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lmlab.data.masking import IGNORE_INDEX, MaskingSpec, mask_sequence
 from lmlab.data.segments import Documents, mlm_window, nsp_pair, pack
 from lmlab.errors import ConfigError, DataError
+from lmlab.tasks.losses import summed_cross_entropy
 
 log = logging.getLogger(__name__)
 EVAL_SEED = 20_190_524  # validation masking: fixed, and the same for every run
@@ -166,7 +167,7 @@ class MaskedLMTask:
         labels = batch["labels"]
         masked = labels != IGNORE_INDEX
         mlm_logits, nsp_logits = self._logits(model, batch, masked)
-        mlm = F.cross_entropy(mlm_logits.float(), labels[masked], reduction="sum")
+        mlm = summed_cross_entropy(mlm_logits.float(), labels[masked])
         if "next_sentence_label" not in batch:
             return mlm, mlm_logits, labels[masked], None
         if nsp_logits is None:
