@@ -172,3 +172,26 @@ def test_minilm_context_and_objective_mismatches_are_one_line_errors(capsys, cor
     assert code == 2 and "block_size 1024 exceeds" in one_line(err) and "(512)" in err
     code, _, err = run_cli(capsys, *common, "--out", tmp_path / "b", "--block_size", "32")
     assert code == 2 and "BertModel cannot be trained as a causal LM" in one_line(err)
+
+
+def test_raw_text_cut_into_documents_for_nsp(capsys, tmp_path) -> None:
+    """Plain text with blank lines between documents (BERT's corpus format), prepared on the fly."""
+    rng = np.random.default_rng(1)
+    documents = ["\n".join(f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+                           for _ in range(int(rng.integers(4, 10)))) for _ in range(60)]
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "pretrain", "--config", PRESET, "--data", text, "--out", run,
+                           "--doc_separator", r"\n\s*\n", "--max_steps", "3",
+                           "--val_fraction", "0.2", *TINY_BERT)
+    assert code == 0, err
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    counts = meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]
+    assert sum(counts) == 60 and min(counts) >= 2, counts
+    assert any("val_nsp_acc" in m for m in metrics(run))  # NSP was trained and evaluated
+    # A prepared dataset's documents are fixed: the option is refused rather than ignored.
+    code, _, err = run_cli(capsys, "pretrain", "--config", PRESET, "--data", run / "data",
+                           "--out", tmp_path / "again", "--doc_separator", r"\n\n",
+                           "--max_steps", "1", *TINY_BERT)
+    assert code == 2 and "doc_separator" in one_line(err) and "prepared dataset" in err

@@ -42,6 +42,7 @@ class PretrainConfig:
     tokenizer: str = "auto"  # for raw text: "bpe", "wordpiece", "char", a tokenizer directory; "auto" = bpe (causal) / wordpiece (mlm)
     vocab_size: int = 8192  # BPE / WordPiece vocabulary size when a tokenizer is trained on the fly
     val_fraction: float = 0.1
+    doc_separator: str | None = None  # raw text: a regex between documents, e.g. '\n\s*\n' (NSP needs documents)
     # -- objective
     objective: Literal["causal", "mlm", "mlm+nsp"] = "causal"  # GPT next-token, or BERT masked LM (+ next sentence)
     mask_prob: float = 0.15  # mlm: share of tokens predicted (80% -> [MASK], 10% random, 10% kept)
@@ -135,6 +136,10 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
         raise ConfigError("data: no training data; pass --data PATH (text, folder, glob, JSONL or "
                           "a dataset made by `lmlab prepare`)")
     if (Path(cfg.data) / META_FILE).is_file():
+        if cfg.doc_separator is not None:
+            raise ConfigError(f"doc_separator: {cfg.data} is a prepared dataset, whose documents "
+                              "are already fixed; it applies to raw text (or to `lmlab prepare "
+                              "--doc-separator`)")
         directory = Path(cfg.data)
     else:
         directory = run_dir / "data"
@@ -143,7 +148,7 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
             tokenizer = (Tokenizer.from_pretrained(cfg.init_from) if cfg.init_from is not None
                          else build_tokenizer(cfg.tokenizer, sources, vocab_size=cfg.vocab_size))
             prepare_dataset(sources, tokenizer=tokenizer, out_dir=directory,
-                            val_fraction=cfg.val_fraction)
+                            val_fraction=cfg.val_fraction, document_separator=cfg.doc_separator)
     dataset = TokenDataset.open(directory)
     tokenizer = Tokenizer.from_pretrained(directory)
     return dataset, tokenizer
