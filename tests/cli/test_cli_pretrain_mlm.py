@@ -139,6 +139,7 @@ def test_tokenizer_default_follows_the_objective() -> None:
     (["--objective", "mlm", "--tokenizer", "bpe"], "needs a tokenizer with a mask token"),
     (["--whole_word_mask", "true"], "whole_word_mask"),
     (["--objective", "mlm", "--mask_prob", "0"], "mask_prob"),
+    (["--objective", "mlm", "--bias", "false"], "bias: false shapes a new GPT"),
 ])
 def test_bad_mlm_setups_are_one_line_errors(capsys, corpus, tmp_path, argv, message) -> None:
     code, _, err = run_cli(capsys, "pretrain", "--data", corpus, "--out", tmp_path / "run",

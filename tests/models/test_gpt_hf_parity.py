@@ -126,10 +126,10 @@ def test_pytorch_model_bin_loads_and_matches(tiny_gpt2, tmp_path, old_style):
     assert ours.lm_head.weight is ours.wte.weight
 
 
-def random_gpt(*, tie: bool, seed: int = 0) -> GPT:
+def random_gpt(*, tie: bool, seed: int = 0, bias: bool = True) -> GPT:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=61, n_positions=24, n_embd=16, n_layer=2, n_head=2,
-                          n_inner=24, activation="gelu_new", tie_word_embeddings=tie))
+                          n_inner=24, activation="gelu_new", tie_word_embeddings=tie, bias=bias))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))  # non-trivial LayerNorms and biases
@@ -161,6 +161,26 @@ def test_round_trip_ours_hf_ours_is_identity(tmp_path, tie):
         for key in a:
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
         assert (back.lm_head.weight is back.wte.weight) is tie
+
+
+def test_bias_free_gpt_saves_as_gpt2_with_zero_biases(tmp_path):
+    """nanoGPT's bias=False: no bias parameters at all; the GPT-2 layout gets zeros, so
+    transformers (and lmlab, as a biased GPT) computes the same logits."""
+    from transformers import GPT2LMHeadModel
+
+    ours = random_gpt(tie=True, bias=False)
+    assert not any(name.endswith(".bias") for name, _ in ours.named_parameters())
+    ours.save_pretrained(tmp_path)
+    hf, info = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert all(not p.any() for name, p in hf.named_parameters() if name.endswith(".bias"))
+    back = from_pretrained(tmp_path)
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert_close(hf.eval()(ids).logits, ours(ids), **TOL)
+        assert_close(back(ids), ours(ids), atol=0, rtol=0)
+        assert torch.equal(back.generate(ids[:, :8], max_new_tokens=8, eos_token_id=[]),
+                           ours.generate(ids[:, :8], max_new_tokens=8, eos_token_id=[]))
 
 
 # -- unsupported checkpoints -------------------------------------------------------------------

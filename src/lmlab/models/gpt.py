@@ -31,6 +31,9 @@ class GPTConfig:
     resid_dropout: float = 0.0
     attn_dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
+    # False: no biases in the linear layers and LayerNorms (nanoGPT's default: "a bit better and
+    # faster"). Saved to the GPT-2 layout as zero biases, which transformers loads unchanged.
+    bias: bool = True
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     bos_token_id: int | None = None
@@ -72,8 +75,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
@@ -99,8 +102,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, config.n_inner)
-        self.c_proj = Linear(config.n_inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.c_proj = Linear(config.n_inner, config.n_embd, bias=config.bias)
         self.act = ACTIVATIONS[config.activation]
         self.dropout = nn.Dropout(config.resid_dropout)
 
@@ -113,9 +116,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, *, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
@@ -131,7 +134,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight

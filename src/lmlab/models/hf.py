@@ -115,6 +115,8 @@ def gpt2_config_to_hf(config: GPTConfig) -> dict[str, Any]:
 
 
 def gpt2_state_dict_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    if not config.bias:  # GPT-2 always has biases: a bias-free model is one whose biases are 0
+        state = {**state, **_zero_biases(state)}
     out = {}
     for name, tensor in state.items():
         if name == "lm_head.weight":
@@ -126,6 +128,12 @@ def gpt2_state_dict_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> 
             tensor = tensor.t()
         out[GPT2_PREFIX + name] = tensor.contiguous()
     return out
+
+
+def _zero_biases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name[: -len("weight")] + "bias": torch.zeros(tensor.shape[0], dtype=tensor.dtype)
+            for name, tensor in state.items()
+            if name.endswith(".weight") and not name.startswith(("wte", "wpe", "lm_head", "score"))}
 
 
 def gpt2_state_dict_from_hf(hf_state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:

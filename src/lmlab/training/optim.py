@@ -1,4 +1,5 @@
-"""AdamW with weight decay on matrices only (not biases, LayerNorm gains or position tables)."""
+"""AdamW with weight decay on matrices only (embedding tables included, as GPT-2 and nanoGPT; not
+biases or LayerNorm gains)."""
 
 from __future__ import annotations
 

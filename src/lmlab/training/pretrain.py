@@ -55,6 +55,7 @@ class PretrainConfig:
     block_size: int = 256
     dropout: float = 0.0
     activation: Literal["gelu_new", "gelu", "relu"] = "gelu_new"
+    bias: bool = True  # causal: False drops the biases of linear layers and LayerNorms (nanoGPT)
     tie_word_embeddings: bool = True
     # -- optimisation
     batch_size: int = 12
@@ -100,6 +101,9 @@ class PretrainConfig:
                               " for mlm) or a BERT tokenizer directory")
         if self.whole_word_mask and self.objective == "causal":
             raise ConfigError("whole_word_mask applies to objective mlm or mlm+nsp, not causal")
+        if not self.bias and (self.objective != "causal" or self.init_from is not None):
+            raise ConfigError("bias: false shapes a new GPT (objective causal, no init_from); "
+                              "BERT and pretrained models keep their biases")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
                     "max_steps", "log_every", "vocab_size")
         for name in positive:
@@ -168,7 +172,7 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> torch.nn.Module:
         return model
     return GPT(GPTConfig(
         vocab_size=tokenizer.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer, n_head=cfg.n_head, activation=cfg.activation,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, activation=cfg.activation, bias=cfg.bias,
         embd_dropout=cfg.dropout, resid_dropout=cfg.dropout, attn_dropout=cfg.dropout,
         tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
