@@ -273,6 +273,34 @@ def test_kv_cache_with_left_padding_matches_full_forward(tiny_gpt2):
     assert_close(torch.cat(out, dim=1)[real], full[real], **TOL)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("pads", [None, [0, 2, 7]], ids=["no-padding", "left-padded"])
+def test_decode_step_equals_forward_bit_for_bit(tiny_gpt2, pads, packed):
+    """GPT.decode_step (decoding's lean path) computes forward's numbers exactly."""
+    from lmlab.models.layers import packed_inference
+
+    _, directory = tiny_gpt2("c")
+    model = from_pretrained(directory)
+    ids, mask = left_padded(3, 12, model.config.vocab_size, pads or [0, 0, 0], seed=9)
+    mask = None if pads is None else torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1)
+    with torch.inference_mode(), packed_inference(model) if packed else torch.inference_mode():
+        caches = model.new_cache(3, 16), model.new_cache(3, 16)
+        for cache in caches:
+            model(ids, cache=cache, attention_mask=None if mask is None else mask[:, :12])
+        token = ids[:, -1:]
+        for length in range(13, 17):
+            step_mask = None if mask is None else mask[:, :length]
+            full = model(token, cache=caches[0], attention_mask=step_mask)[:, -1]
+            lean = model.decode_step(token, caches[1], step_mask)
+            assert torch.equal(full, lean), length
+            token = full.argmax(-1, keepdim=True)
+    assert caches[0].length == caches[1].length == 16
+    with torch.no_grad(), pytest.raises(ValueError, match="n_positions"):
+        cache = model.new_cache(1, model.config.n_positions + 1)
+        cache.advance(model.config.n_positions)
+        model.decode_step(token[:1], cache)
+
+
 # -- initialisation and limits -----------------------------------------------------------------
 def test_gpt2_style_init():
     torch.manual_seed(0)

@@ -28,7 +28,11 @@ def prefill(model, input_ids, cache, attention_mask=None) -> torch.Tensor:
 
 
 def decode_one_token(model, token, cache, attention_mask=None) -> torch.Tensor:
-    """Feed one token per row (B, 1) at the cache's next position; return logits (B, V)."""
+    """Feed one token per row (B, 1) at the cache's next position; return logits (B, V).
+    A model with a `decode_step` (lmlab's GPT: the same numbers, less overhead) is run by it."""
+    step = getattr(model, "decode_step", None)
+    if step is not None:
+        return step(token, cache, attention_mask)
     return model(token, cache=cache, attention_mask=attention_mask)[:, -1, :]
 
 

