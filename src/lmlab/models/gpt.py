@@ -172,12 +172,7 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         # Positions never exceed start + T - 1 (left padding only lowers them), so this check
         # needs no device sync; explicit positions are checked as given.
-        last = start + T - 1 if positions is None else int(positions.max())
-        if last >= self.config.n_positions:
-            raise ValueError(
-                f"sequence needs position {last}, but the model's context window "
-                f"(n_positions) is {self.config.n_positions}"
-            )
+        self._check_position(start + T - 1 if positions is None else int(positions.max()))
         if positions is None:
             if attention_mask is not None:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
@@ -192,6 +187,13 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
+
+    def _check_position(self, last: int) -> None:
+        if last >= self.config.n_positions:
+            raise ValueError(
+                f"sequence needs position {last}, but the model's context window "
+                f"(n_positions) is {self.config.n_positions}"
+            )
 
     def forward(
         self,
@@ -239,9 +241,7 @@ class GPT(nn.Module):
         if self.training:  # dropout is active: the full path
             return self(token, cache=cache, attention_mask=attention_mask)[:, -1]
         position = cache.length
-        if position >= self.config.n_positions:
-            raise ValueError(f"sequence needs position {position}, but the model's context "
-                             f"window (n_positions) is {self.config.n_positions}")
+        self._check_position(position)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             # Left padding: the new token is real, so it may attend to every non-pad key.

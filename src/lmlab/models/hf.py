@@ -133,7 +133,7 @@ def gpt2_state_dict_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> 
 def _zero_biases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name[: -len("weight")] + "bias": torch.zeros(tensor.shape[0], dtype=tensor.dtype)
             for name, tensor in state.items()
-            if name.endswith(".weight") and not name.startswith(("wte", "wpe", "lm_head", "score"))}
+            if name.endswith(".weight") and not name.startswith(("wte", "wpe", "lm_head"))}
 
 
 def gpt2_state_dict_from_hf(hf_state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
