@@ -1,4 +1,5 @@
-"""Prepacked oneDNN weights: used only inside decoding, never stale, never in the state dict."""
+"""Prepacked oneDNN weights: used only inside decoding, only for repeated wide products, never
+stale, never in the state dict."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ def test_packed_logits_equal_plain_ones_and_nothing_is_left_behind():
     with torch.no_grad():
         plain = model(ids)
         with packed_inference(model):
+            once = model(ids)  # 21 rows: wider than the kernel's, but a one-off (a prefill)
+            assert all(m._packed is None for m in model.modules() if isinstance(m, Linear))
+            packed = model(ids)  # the second wide call packs
             assert all(m._packed is not None for m in model.modules() if isinstance(m, Linear))
-            packed = model(ids)
+    torch.testing.assert_close(once, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
     assert all(m._packed is None for m in model.modules() if isinstance(m, Linear))
     assert set(model.state_dict()) == set(tiny().state_dict())
@@ -44,11 +48,17 @@ def test_weights_changed_between_calls_are_used():
     assert not torch.equal(before, after)
 
 
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN linear")
 def test_nested_blocks_pack_once_and_unpack_at_the_outermost():
     model = tiny()
-    with packed_inference(model):
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad(), packed_inference(model):
+        model(ids)
+        model(ids)
         first = model.lm_head._packed
+        assert first is not None
         with packed_inference(model):
+            model(ids)
             assert model.lm_head._packed is first
         assert model.lm_head._packed is first
-    assert model.lm_head._packed is None
+    assert model.lm_head._packed is None and model.lm_head._wide_calls == 0
