@@ -143,7 +143,9 @@ def gpt2_state_dict_from_hf(hf_state: dict[str, torch.Tensor], where: str) -> di
             continue
         ours = name[len(GPT2_PREFIX):] if name.startswith(GPT2_PREFIX) else name
         if ours.endswith(GPT2_TRANSPOSED):
-            tensor = tensor.t()
+            # Copied, not a transposed view: nn.Linear's (out, in) rows contiguous, as a model
+            # built here has them — the decoding kernels stream those rows.
+            tensor = tensor.t().contiguous()
         out[ours] = tensor
     return out
 

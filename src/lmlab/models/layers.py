@@ -62,7 +62,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._decoding and not torch.is_grad_enabled():
             rows = x.numel() // x.shape[-1]
-            if rows <= kernels.MAX_ROWS and kernels.available():
+            if rows <= kernels.MAX_ROWS and self.weight.is_contiguous() and kernels.available():
                 out = kernels.linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
                 return out.view(*x.shape[:-1], out.shape[-1])
             self._wide_calls += 1
@@ -91,6 +91,7 @@ def packed_inference(model: nn.Module):
         model._packed_depth = getattr(model, "_packed_depth", 0) + 1
     try:
         if outermost:
+            model._decode_plan = None
             for m in layers:
                 m._decoding = True
         yield model
@@ -102,6 +103,7 @@ def packed_inference(model: nn.Module):
                 m._packed = None
                 m._decoding = False
                 m._wide_calls = 0
+            model._decode_plan = None  # a model's memo for the block (GPT: fused step or not)
 
 
 def attention(

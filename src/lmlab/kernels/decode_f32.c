@@ -1,0 +1,177 @@
+/* Decoding kernels, fp32, AVX2 + FMA, threaded with the OpenMP runtime torch already uses.
+ *
+ * 1. lmlab_linear_f32: y = x @ w.T + bias for a few rows of x (1 token, a few beams).
+ * 2. lmlab_gpt_decode_f32: one decode step of a whole GPT-2-style model (every block, the
+ *    final LayerNorm and the LM head) for a few rows, in one call and one parallel region.
+ *
+ * Decoding multiplies one vector per row by every weight matrix, so its speed is how fast the
+ * weights stream from memory. torch's BLAS and oneDNN paths reach 11-19 GB/s on this kind of
+ * 2-core machine for such products, against ~26 GB/s that a plain read of the same bytes
+ * reaches; this loop streams each weight row once, in order, on every OpenMP thread, and gets
+ * within ~10% of the plain read (benchmarks/generate_speed.py, BENCHMARKS.md).
+ *
+ * Every output y[m, n] is summed in the same order whatever the number of rows: four 8-lane
+ * accumulators over k (k mod 32), added pairwise, then the lanes, then the scalar tail. So a
+ * row's numbers do not depend on which other rows share its batch (batch invariance, bit for
+ * bit), and a row's weight row, read once from memory, is reused from L1 for the other rows.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define PREFETCH_AHEAD 256 /* floats (1 KiB) ahead of the loads; measured 256/512/1024 */
+
+static inline float horizontal_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float dot(const float *w, const float *x, int64_t in) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= in; k += 32) {
+        _mm_prefetch((const char *)(w + k + PREFETCH_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + k + PREFETCH_AHEAD + 16), _MM_HINT_T0);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= in; k += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    float s = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < in; k++)
+        s += w[k] * x[k];
+    return s;
+}
+
+/* x: (rows, in), w: (out, in), bias: (out) or NULL, y: (rows, out); all contiguous. */
+void lmlab_linear_f32(const float *x, int64_t rows, int64_t in, const float *w, int64_t out,
+                      const float *bias, float *y, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < out; n++) {
+        const float *w_row = w + n * in;
+        const float b = bias ? bias[n] : 0.0f;
+        for (int64_t m = 0; m < rows; m++)
+            y[m * out + n] = dot(w_row, x + m * in, in) + b;
+    }
+}
+
+/* ---- one decode step of a GPT-2-style model ------------------------------------------------
+ * A decode step of a small model is ~100 tensor operations of a few microseconds each; in
+ * eager PyTorch their dispatch, Python and thread wake-ups cost as much as the arithmetic
+ * (6-layer, width-384 model: ~2 of ~4.4 ms per token). Here the step is one call: one
+ * parallel region in which the threads split every product by output row and every attention
+ * by (row, head), with barriers between the stages. The arithmetic is models/gpt.py's
+ * (pre-LayerNorm blocks, GPT-2's attention and MLP), checked against it in
+ * tests/kernels/test_gpt_decode_kernel.py. */
+
+enum { ACT_GELU_TANH = 0, ACT_GELU = 1, ACT_RELU = 2 };
+
+/* Per layer, in this order (biases may be NULL when the model has none). */
+enum { LN1_W, LN1_B, ATTN_W, ATTN_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, FC2_W, FC2_B,
+       PER_LAYER };
+
+static void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n,
+                       float *out) {
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < n; i++) mean += x[i];
+    mean /= n;
+    for (int64_t i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    const float rstd = (float)(1.0 / sqrt(var / n + eps));
+    for (int64_t i = 0; i < n; i++)
+        out[i] = (float)(x[i] - mean) * rstd * (w ? w[i] : 1.0f) + (b ? b[i] : 0.0f);
+}
+
+static inline float activate(float v, int act) {
+    if (act == ACT_RELU) return v > 0.0f ? v : 0.0f;
+    if (act == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+}
+
+/* Inside a parallel region: y[m, n] (+)= act(dot(w[n], x[m]) + b[n]) for every row m. */
+static void products(const float *x, int64_t rows, int64_t in, const float *w, int64_t out,
+                     const float *bias, float *y, int accumulate, int act) {
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < out; n++) {
+        const float *w_row = w + n * in;
+        const float b = bias ? bias[n] : 0.0f;
+        for (int64_t m = 0; m < rows; m++) {
+            float v = dot(w_row, x + m * in, in) + b;
+            if (act >= 0) v = activate(v, act);
+            if (accumulate) y[m * out + n] += v;
+            else y[m * out + n] = v;
+        }
+    }
+}
+
+/* x: (rows, C) embeddings in, residual stream (overwritten). keys/values: per layer one
+ * (rows, n_head, max_len, head_dim) contiguous cache; the new position is written at `position`.
+ * mask: (rows, position + 1) bytes, 1 where a key may be attended, or NULL for all. */
+void lmlab_gpt_decode_f32(const int64_t *weights, const int64_t *caches, int64_t n_layer,
+                          int64_t rows, int64_t n_embd, int64_t n_head, int64_t n_inner,
+                          int64_t max_len, int64_t position, const uint8_t *mask, float eps,
+                          int act, const float *ln_f_w, const float *ln_f_b, const float *head_w,
+                          int64_t vocab, float *x, float *logits, int threads) {
+    const int64_t C = n_embd, D = n_embd / n_head, S = position + 1;
+    const float scale = 1.0f / sqrtf((float)D);
+    float *normed = malloc(sizeof(float) * rows * C);
+    float *qkv = malloc(sizeof(float) * rows * 3 * C);
+    float *heads = malloc(sizeof(float) * rows * C);
+    float *hidden = malloc(sizeof(float) * rows * n_inner);
+    float *scores = malloc(sizeof(float) * rows * n_head * S);
+    #pragma omp parallel num_threads(threads)
+    for (int64_t l = 0; l < n_layer; l++) {
+        const float *const *p = (const float *const *)(weights + l * PER_LAYER);
+        float *keys = (float *)caches[2 * l], *values = (float *)caches[2 * l + 1];
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows; m++)
+            layer_norm(x + m * C, p[LN1_W], p[LN1_B], eps, C, normed + m * C);
+        products(normed, rows, C, p[ATTN_W], 3 * C, p[ATTN_B], qkv, 0, -1);
+        #pragma omp for schedule(static)
+        for (int64_t mh = 0; mh < rows * n_head; mh++) {
+            const int64_t m = mh / n_head, h = mh % n_head;
+            const float *q = qkv + m * 3 * C + h * D;
+            float *k_cache = keys + mh * max_len * D, *v_cache = values + mh * max_len * D;
+            for (int64_t d = 0; d < D; d++) {
+                k_cache[position * D + d] = q[C + d];
+                v_cache[position * D + d] = q[2 * C + d];
+            }
+            float *score = scores + mh * S, top = -INFINITY;
+            for (int64_t s = 0; s < S; s++) {
+                if (mask && !mask[m * S + s]) { score[s] = -INFINITY; continue; }
+                score[s] = dot(k_cache + s * D, q, D) * scale;
+                if (score[s] > top) top = score[s];
+            }
+            float total = 0.0f;
+            for (int64_t s = 0; s < S; s++) {
+                score[s] = score[s] == -INFINITY ? 0.0f : expf(score[s] - top);
+                total += score[s];
+            }
+            float *out = heads + m * C + h * D;
+            for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+            for (int64_t s = 0; s < S; s++) {
+                const float weight = score[s] / total, *v = v_cache + s * D;
+                if (weight != 0.0f)
+                    for (int64_t d = 0; d < D; d++) out[d] += weight * v[d];
+            }
+        }
+        products(heads, rows, C, p[PROJ_W], C, p[PROJ_B], x, 1, -1);
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows; m++)
+            layer_norm(x + m * C, p[LN2_W], p[LN2_B], eps, C, normed + m * C);
+        products(normed, rows, C, p[FC_W], n_inner, p[FC_B], hidden, 0, act);
+        products(hidden, rows, n_inner, p[FC2_W], C, p[FC2_B], x, 1, -1);
+    }
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows; m++)
+            layer_norm(x + m * C, ln_f_w, ln_f_b, eps, C, normed + m * C);
+        products(normed, rows, C, head_w, vocab, NULL, logits, 0, -1);
+    }
+    free(normed); free(qkv); free(heads); free(hidden); free(scores);
+}
