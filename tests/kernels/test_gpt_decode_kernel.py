@@ -126,6 +126,31 @@ def test_writing_past_the_cache_is_refused():
     with torch.inference_mode(), packed_inference(model):
         cache = model.new_cache(1, 4)
         model(torch.randint(0, 97, (1, 4)), cache=cache)
-        decoder = model._fused_decoder(cache, 1)
+        decoder = model._fused_decoder(cache, 1, 1)
         with pytest.raises(ValueError, match="holds 4 positions"):
             decoder.step(torch.zeros(1, 32), cache.keys, cache.values, position=4, mask=None)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left-padded"])
+def test_a_few_tokens_per_row_on_top_of_the_cache(padded, monkeypatch):
+    """Speculative decoding's verification feeds k + 1 tokens per row: causal among themselves,
+    each attending to the cache and to the new tokens before it."""
+    model = build(**CONFIGS["exact gelu, odd widths"])
+    torch.manual_seed(3)
+    prompt, more = torch.randint(0, 97, (2, 7)), torch.randint(0, 97, (2, 3))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    if padded:
+        mask[0, :5] = 0
+    results = []
+    for fused in (False, True):
+        with torch.inference_mode(), (packed_inference(model) if fused else torch.inference_mode()):
+            cache = model.new_cache(2, 12)
+            model(prompt, cache=cache, attention_mask=mask[:, :7])  # 14 rows: the module path
+            calls = count_fused_steps(monkeypatch)
+            results.append((model(more, cache=cache, attention_mask=mask), cache))
+        assert calls == ([6] if fused else [])
+    (reference, reference_cache), (got, got_cache) = results
+    torch.testing.assert_close(got, reference, atol=2e-5, rtol=1e-5)
+    for a, b in zip(got_cache.keys + got_cache.values, reference_cache.keys + reference_cache.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert got_cache.length == 10

@@ -97,7 +97,8 @@ def _build():
     functions["linear"].argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer,
                                     ctypes.c_int]
     functions["gpt_decode"].argtypes = [pointer, pointer, integer, integer, integer, integer,
-                                        integer, integer, integer, pointer, real, ctypes.c_int,
+                                        integer, integer, integer, integer, pointer, real,
+                                        ctypes.c_int,
                                         pointer, pointer, pointer, integer, pointer, pointer,
                                         ctypes.c_int]
     for function in functions.values():
@@ -173,25 +174,33 @@ class GPTDecoder:
         self._eps = eps
         self._activation = GPT_ACTIVATIONS[activation]
 
-    def step(self, x: torch.Tensor, keys, values, *, position: int,
+    def step(self, x: torch.Tensor, keys, values, *, position: int, tokens_per_row: int = 1,
              mask: torch.Tensor | None) -> torch.Tensor:
-        """Logits (rows, vocab). x: (rows, n_embd) input embeddings, contiguous, overwritten (it
-        becomes the residual stream). keys/values: per block the contiguous (rows, n_head,
-        max_len, head_dim) caches, written at `position`. mask: (rows, position + 1), nonzero
-        where a key may be attended, or None for all."""
+        """Logits (rows, vocab), rows = batch × tokens_per_row (row-major: a batch row's tokens
+        are consecutive). x: (rows, n_embd) input embeddings, contiguous, overwritten (it
+        becomes the residual stream). keys/values: per block the contiguous (batch, n_head,
+        max_len, head_dim) caches; token t of a row is written at `position + t` and attends to
+        the positions up to its own. mask: (batch, position + tokens_per_row), nonzero where a
+        key may be attended (a token always attends to itself), or None for all."""
         rows = x.shape[0]
-        n_head, max_len = keys[0].shape[1], keys[0].shape[2]
-        if position >= max_len:
-            raise ValueError(f"KV cache holds {max_len} positions; cannot write position {position}")
-        if x.shape != (rows, self.n_embd) or not x.is_contiguous():
-            raise ValueError(f"x must be a contiguous ({rows}, {self.n_embd}) tensor")
+        batch, n_head, max_len = keys[0].shape[:3]
+        if position + tokens_per_row > max_len:
+            raise ValueError(f"KV cache holds {max_len} positions; cannot write position "
+                             f"{position + tokens_per_row - 1}")
+        if x.shape != (batch * tokens_per_row, self.n_embd) or not x.is_contiguous():
+            raise ValueError(f"x must be a contiguous ({batch * tokens_per_row}, {self.n_embd}) "
+                             f"tensor, got {tuple(x.shape)}")
+        if mask is not None and mask.shape != (batch, position + tokens_per_row):
+            raise ValueError(f"mask must be ({batch}, {position + tokens_per_row}), "
+                             f"got {tuple(mask.shape)}")
         caches = (ctypes.c_int64 * (2 * self.n_layer))(
             *[t.data_ptr() for pair in zip(keys, values) for t in pair])
         if mask is not None:
             mask = mask.to(torch.uint8).contiguous()
         logits = torch.empty(rows, self.vocab, dtype=torch.float32)
         _state["function"]["gpt_decode"](
-            self._table, caches, self.n_layer, rows, self.n_embd, n_head, self.n_inner, max_len,
-            position, _address(mask), self._eps, self._activation, *self._ln_f, self._head,
-            self.vocab, x.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+            self._table, caches, self.n_layer, rows, tokens_per_row, self.n_embd, n_head,
+            self.n_inner, max_len, position, _address(mask), self._eps, self._activation,
+            *self._ln_f, self._head, self.vocab, x.data_ptr(), logits.data_ptr(),
+            torch.get_num_threads())
         return logits

@@ -108,15 +108,19 @@ static void products(const float *x, int64_t rows, int64_t in, const float *w, i
     }
 }
 
-/* x: (rows, C) embeddings in, residual stream (overwritten). keys/values: per layer one
- * (rows, n_head, max_len, head_dim) contiguous cache; the new position is written at `position`.
- * mask: (rows, position + 1) bytes, 1 where a key may be attended, or NULL for all. */
+/* x: (rows, C) embeddings in, residual stream (overwritten); rows = batch × tokens_per_row,
+ * row m being token m % tokens_per_row of batch row m / tokens_per_row. keys/values: per layer
+ * one (batch, n_head, max_len, head_dim) contiguous cache; token t is written at position + t
+ * and attends to the positions up to its own. mask: (batch, position + tokens_per_row) bytes,
+ * 1 where a key may be attended (a token always attends to itself, as models/layers.py's
+ * padded_causal_mask has it), or NULL for all. */
 void lmlab_gpt_decode_f32(const int64_t *weights, const int64_t *caches, int64_t n_layer,
-                          int64_t rows, int64_t n_embd, int64_t n_head, int64_t n_inner,
-                          int64_t max_len, int64_t position, const uint8_t *mask, float eps,
-                          int act, const float *ln_f_w, const float *ln_f_b, const float *head_w,
-                          int64_t vocab, float *x, float *logits, int threads) {
-    const int64_t C = n_embd, D = n_embd / n_head, S = position + 1;
+                          int64_t rows, int64_t tokens_per_row, int64_t n_embd, int64_t n_head,
+                          int64_t n_inner, int64_t max_len, int64_t position, const uint8_t *mask,
+                          float eps, int act, const float *ln_f_w, const float *ln_f_b,
+                          const float *head_w, int64_t vocab, float *x, float *logits,
+                          int threads) {
+    const int64_t C = n_embd, D = n_embd / n_head, T = tokens_per_row, S = position + T;
     const float scale = 1.0f / sqrtf((float)D);
     float *normed = malloc(sizeof(float) * rows * C);
     float *qkv = malloc(sizeof(float) * rows * 3 * C);
@@ -132,28 +136,34 @@ void lmlab_gpt_decode_f32(const int64_t *weights, const int64_t *caches, int64_t
             layer_norm(x + m * C, p[LN1_W], p[LN1_B], eps, C, normed + m * C);
         products(normed, rows, C, p[ATTN_W], 3 * C, p[ATTN_B], qkv, 0, -1);
         #pragma omp for schedule(static)
-        for (int64_t mh = 0; mh < rows * n_head; mh++) {
-            const int64_t m = mh / n_head, h = mh % n_head;
-            const float *q = qkv + m * 3 * C + h * D;
-            float *k_cache = keys + mh * max_len * D, *v_cache = values + mh * max_len * D;
+        for (int64_t mh = 0; mh < rows * n_head; mh++) {  /* this step's keys and values */
+            const int64_t m = mh / n_head, h = mh % n_head, b = m / T, t = m % T;
+            const int64_t at = ((b * n_head + h) * max_len + position + t) * D;
             for (int64_t d = 0; d < D; d++) {
-                k_cache[position * D + d] = q[C + d];
-                v_cache[position * D + d] = q[2 * C + d];
+                keys[at + d] = qkv[m * 3 * C + C + h * D + d];
+                values[at + d] = qkv[m * 3 * C + 2 * C + h * D + d];
             }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t mh = 0; mh < rows * n_head; mh++) {  /* attention, one (token, head) each */
+            const int64_t m = mh / n_head, h = mh % n_head, b = m / T, own = position + m % T;
+            const float *q = qkv + m * 3 * C + h * D;
+            const float *k_cache = keys + (b * n_head + h) * max_len * D;
+            const float *v_cache = values + (b * n_head + h) * max_len * D;
             float *score = scores + mh * S, top = -INFINITY;
-            for (int64_t s = 0; s < S; s++) {
-                if (mask && !mask[m * S + s]) { score[s] = -INFINITY; continue; }
+            for (int64_t s = 0; s <= own; s++) {
+                if (mask && !mask[b * S + s] && s != own) { score[s] = -INFINITY; continue; }
                 score[s] = dot(k_cache + s * D, q, D) * scale;
                 if (score[s] > top) top = score[s];
             }
             float total = 0.0f;
-            for (int64_t s = 0; s < S; s++) {
+            for (int64_t s = 0; s <= own; s++) {
                 score[s] = score[s] == -INFINITY ? 0.0f : expf(score[s] - top);
                 total += score[s];
             }
             float *out = heads + m * C + h * D;
             for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-            for (int64_t s = 0; s < S; s++) {
+            for (int64_t s = 0; s <= own; s++) {
                 const float weight = score[s] / total, *v = v_cache + s * D;
                 if (weight != 0.0f)
                     for (int64_t d = 0; d < D; d++) out[d] += weight * v[d];

@@ -176,6 +176,19 @@ class GPT(nn.Module):
         position so far, cached ones included; positions then default to counting real tokens
         only, as transformers does for left-padded batches.
         """
+        T = input_ids.shape[1]
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = padded_causal_mask(attention_mask, T)
+        x = self.drop(self._embed(input_ids, positions, cache, attention_mask))
+        for i, block in enumerate(self.h):
+            x = block(x, layer=i, cache=cache, mask=mask)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+    def _embed(self, input_ids, positions, cache, attention_mask) -> torch.Tensor:
+        """Token + position embeddings (B, T, n_embd) of tokens fed at the cache's length."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         # Positions never exceed start + T - 1 (left padding only lowers them), so this check
@@ -186,15 +199,7 @@ class GPT(nn.Module):
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
             else:
                 positions = torch.arange(start, start + T, device=input_ids.device)[None]
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = padded_causal_mask(attention_mask, T)
-        x = self.drop(self.wte(input_ids) + self.wpe(positions))
-        for i, block in enumerate(self.h):
-            x = block(x, layer=i, cache=cache, mask=mask)
-        if cache is not None:
-            cache.advance(T)
-        return self.ln_f(x)
+        return self.wte(input_ids) + self.wpe(positions)
 
     def _check_position(self, last: int) -> None:
         if last >= self.config.n_positions:
@@ -214,6 +219,16 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size); (B, 1, vocab_size) with `last_only` (decoding needs only
         the last position, and the LM head is the largest matmul of a prompt's forward pass)."""
+        B, T = input_ids.shape
+        decoder = None if cache is None or self.training else self._fused_decoder(cache, B, B * T)
+        if decoder is not None:  # a few tokens on top of a cache, inside decoding: one C call
+            x = self._embed(input_ids, positions, cache, attention_mask).reshape(B * T, -1)
+            if attention_mask is not None and bool(attention_mask.all()):
+                attention_mask = None
+            logits = decoder.step(x, cache.keys, cache.values, position=cache.length,
+                                  tokens_per_row=T, mask=attention_mask).view(B, T, -1)
+            cache.advance(T)
+            return logits[:, -1:] if last_only else logits
         hidden = self.hidden_states(
             input_ids, positions=positions, cache=cache, attention_mask=attention_mask
         )
@@ -260,7 +275,7 @@ class GPT(nn.Module):
         else:
             x = self.wte(token[:, 0]) + self.wpe.weight[position]
         batch, n_head, head_dim = len(token), self.config.n_head, self.config.head_dim
-        decoder = self._fused_decoder(cache, batch)
+        decoder = self._fused_decoder(cache, batch, batch)
         if decoder is not None:
             logits = decoder.step(x, cache.keys, cache.values, position=position,
                                   mask=None if mask is None else mask[:, 0, 0])
@@ -281,8 +296,8 @@ class GPT(nn.Module):
     # (packed_inference: CPU, fp32, no autograd) for a few rows, and only for the stock
     # architecture — a replaced layer (LoRA), a hook or autocast means the module path, which
     # stays the reference the fused step is tested against.
-    def _fused_decoder(self, cache: KVCache, batch: int) -> kernels.GPTDecoder | None:
-        if not (self.lm_head._decoding and batch <= kernels.MAX_ROWS and kernels.available()
+    def _fused_decoder(self, cache: KVCache, batch: int, rows: int) -> kernels.GPTDecoder | None:
+        if not (self.lm_head._decoding and rows <= kernels.MAX_ROWS and kernels.available()
                 and not torch.is_grad_enabled() and not _cpu_autocast()):
             return None
         plan = getattr(self, "_decode_plan", None)  # memo for one packed_inference block
