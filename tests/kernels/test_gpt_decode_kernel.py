@@ -104,7 +104,7 @@ def test_a_row_decodes_the_same_bits_in_any_batch(monkeypatch):
 def test_hooks_wide_batches_and_training_take_the_module_path(monkeypatch):
     model = build(**CONFIGS["gpt2-like"])
     calls = count_fused_steps(monkeypatch)
-    ids = torch.randint(0, 97, (kernels.MAX_ROWS + 1, 5))
+    ids = torch.randint(0, 97, (kernels.FUSED_MAX_ROWS + 1, 5))
     decode(model, ids, None, 2, fused=True)  # more rows than the kernel takes
     assert calls == []
     seen = []
@@ -117,7 +117,7 @@ def test_hooks_wide_batches_and_training_take_the_module_path(monkeypatch):
     assert calls == []
     model.eval()
     decode(model, ids[:2], None, 2, fused=True)
-    assert calls == [2, 2]
+    assert calls == [10, 2, 2]  # a prefill of few enough rows (2 × 5) is fused too
     assert model._decode_plan is None  # the memo lives for one decoding block only
 
 

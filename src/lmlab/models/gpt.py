@@ -297,7 +297,7 @@ class GPT(nn.Module):
     # architecture — a replaced layer (LoRA), a hook or autocast means the module path, which
     # stays the reference the fused step is tested against.
     def _fused_decoder(self, cache: KVCache, batch: int, rows: int) -> kernels.GPTDecoder | None:
-        if not (self.lm_head._decoding and rows <= kernels.MAX_ROWS and kernels.available()
+        if not (self.lm_head._decoding and rows <= kernels.FUSED_MAX_ROWS and kernels.available()
                 and not torch.is_grad_enabled() and not _cpu_autocast()):
             return None
         plan = getattr(self, "_decode_plan", None)  # memo for one packed_inference block
