@@ -154,3 +154,18 @@ def test_a_few_tokens_per_row_on_top_of_the_cache(padded, monkeypatch):
     for a, b in zip(got_cache.keys + got_cache.values, reference_cache.keys + reference_cache.values):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert got_cache.length == 10
+
+
+def test_a_cache_of_another_shape_is_refused():
+    """The kernel writes through raw addresses: a mismatched cache must never reach it."""
+    model = build(**CONFIGS["gpt2-like"])
+    other = GPT(GPTConfig(vocab_size=97, n_positions=48, n_layer=2, n_embd=32, n_head=4))
+    with torch.inference_mode(), packed_inference(model):
+        cache = model.new_cache(1, 8)
+        decoder = model._fused_decoder(cache, 1, 1)
+        with pytest.raises(ValueError, match="must hold 3 key and value buffers"):
+            decoder.step(torch.zeros(1, 32), other.new_cache(1, 8).keys,
+                         other.new_cache(1, 8).values, position=0, mask=None)
+        with pytest.raises(ValueError, match=r"mask must be \(1, 1\)"):
+            decoder.step(torch.zeros(1, 32), cache.keys, cache.values, position=0,
+                         mask=torch.ones(1, 3))

@@ -192,7 +192,12 @@ class GPTDecoder:
         rows = x.shape[0]
         if rows > _C_MAX_ROWS:
             raise ValueError(f"the fused step takes at most {_C_MAX_ROWS} rows, got {rows}")
-        batch, n_head, max_len = keys[0].shape[:3]
+        batch, n_head, max_len, head_dim = keys[0].shape
+        shape = keys[0].shape
+        if (len(keys) != self.n_layer or len(values) != self.n_layer or n_head * head_dim != self.n_embd
+                or any(t.shape != shape for t in (*keys, *values))):
+            raise ValueError(f"the cache must hold {self.n_layer} key and value buffers of one shape "
+                             f"(batch, n_head, max_len, head_dim) with n_head·head_dim = {self.n_embd}")
         if position + tokens_per_row > max_len:
             raise ValueError(f"KV cache holds {max_len} positions; cannot write position "
                              f"{position + tokens_per_row - 1}")
