@@ -1,8 +1,9 @@
 """Hand-written CPU kernels for decoding, compiled on first use; torch is the fallback.
 
 Two (decode_f32.c says why each beats eager PyTorch): `linear`, a few rows times a weight
-matrix, and `gpt_decode`, one decode step of a whole GPT-2-style model. The C source ships with the package and is
-compiled once per machine with the system C compiler into a cache folder
+matrix, and `GPTDecoder`, one decode step of a whole GPT-2-style model. The C source ships
+with the package and is compiled once per machine with the system C compiler (flags for any
+AVX2 + FMA CPU, not -march=native, so a shared cache folder stays valid) into a cache folder
 (`$LMLAB_CACHE_DIR`, else `$XDG_CACHE_HOME/lmlab`, else `~/.cache/lmlab`), under a name that
 hashes the source and flags, written to a temporary name and renamed — so concurrent processes
 and upgrades never see half a library. Nothing here is required: without a C compiler, AVX2, or
