@@ -166,6 +166,12 @@ def test_a_cache_of_another_shape_is_refused():
         with pytest.raises(ValueError, match="must hold 3 key and value buffers"):
             decoder.step(torch.zeros(1, 32), other.new_cache(1, 8).keys,
                          other.new_cache(1, 8).values, position=0, mask=None)
+        with pytest.raises(ValueError, match="contiguous CPU float32 buffers"):
+            decoder.step(torch.zeros(1, 32), [k.double() for k in cache.keys],
+                         [v.double() for v in cache.values], position=0, mask=None)
+        with pytest.raises(ValueError, match="contiguous CPU float32"):
+            decoder.step(torch.zeros(1, 32, dtype=torch.float64), cache.keys, cache.values,
+                         position=0, mask=None)
         with pytest.raises(ValueError, match=r"mask must be \(1, 1\)"):
             decoder.step(torch.zeros(1, 32), cache.keys, cache.values, position=0,
                          mask=torch.ones(1, 3))

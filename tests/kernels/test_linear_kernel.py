@@ -69,6 +69,8 @@ def test_non_contiguous_inputs_and_shape_mismatch():
     torch.testing.assert_close(kernels.linear(x, weight, None), F.linear(x, weight), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="do not match"):
         kernels.linear(torch.randn(2, 23), weight, None)
+    with pytest.raises(ValueError, match="CPU float32"):  # the C code would misread the bytes
+        kernels.linear(torch.randn(2, 24, dtype=torch.float64), weight, None)
 
 
 @needs_kernel

@@ -40,7 +40,7 @@ _C_MAX_ROWS = 16
 _SOURCE = Path(__file__).with_name("decode_f32.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
-_state: dict = {}  # "function" once built, or "reason" why not
+_state: dict = {}  # "functions" once built (None if not), and "reason" why not
 
 
 def _cache_dir() -> Path:
@@ -107,20 +107,20 @@ def _build():
                                         ctypes.c_int,
                                         pointer, pointer, pointer, integer, pointer, pointer,
                                         ctypes.c_int]
-    for function in functions.values():
-        function.restype = None
+    functions["linear"].restype = None
+    functions["gpt_decode"].restype = ctypes.c_int  # 0, or -1: out of memory
     return functions, None
 
 
 def _load():
     with _lock:
         if not _state:
-            _state["function"], _state["reason"] = _build()
-    return _state["function"]
+            _state["functions"], _state["reason"] = _build()
+    return _state["functions"]
 
 
 def available() -> bool:
-    return (_state.get("function") if _state else _load()) is not None
+    return (_state["functions"] if _state else _load()) is not None
 
 
 def unavailable_reason() -> str | None:
@@ -131,24 +131,29 @@ def unavailable_reason() -> str | None:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (rows, in) @ weight (out, in).T + bias, for CPU fp32 tensors and rows ≤ MAX_ROWS.
 
-    The caller checks device, dtype, rows and `available()`; this checks only what would
-    otherwise read out of bounds."""
+    The caller checks `available()`; this checks what the C code would otherwise misread."""
     rows, width = x.shape
     out_features = weight.shape[0]
     if rows > _C_MAX_ROWS:
         raise ValueError(f"linear: at most {_C_MAX_ROWS} rows, got {rows}")
+    if not all(_is_cpu_f32(t) for t in (x, weight, bias) if t is not None):
+        raise ValueError("linear: x, weight and bias must be CPU float32 tensors")
     if weight.shape[1] != width or (bias is not None and bias.shape != (out_features,)):
         raise ValueError(f"linear: shapes {tuple(x.shape)} @ {tuple(weight.shape)}.T do not match")
     x, weight = x.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
-    _state["function"]["linear"](x.data_ptr(), rows, width, weight.data_ptr(), out_features,
+    _state["functions"]["linear"](x.data_ptr(), rows, width, weight.data_ptr(), out_features,
                                  _address(bias), y.data_ptr(), torch.get_num_threads())
     return y
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
+
+
+def _is_cpu_f32(tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu"
 
 
 # The activations the fused step computes, by GPTConfig.activation name.
@@ -182,6 +187,13 @@ class GPTDecoder:
         self._eps = eps
         self._activation = GPT_ACTIVATIONS[activation]
 
+    @staticmethod
+    def accepts(keys, values, batch: int) -> bool:
+        """Whether `step` can use this cache (CPU fp32, contiguous, `batch` rows) — callers
+        with another cache take their module path; `step` refuses it."""
+        return (keys[0].shape[0] == batch
+                and all(_is_cpu_f32(t) and t.is_contiguous() for t in (*keys, *values)))
+
     def step(self, x: torch.Tensor, keys, values, *, position: int, tokens_per_row: int = 1,
              mask: torch.Tensor | None) -> torch.Tensor:
         """Logits (rows, vocab), rows = batch × tokens_per_row (row-major: a batch row's tokens
@@ -202,9 +214,12 @@ class GPTDecoder:
         if position + tokens_per_row > max_len:
             raise ValueError(f"KV cache holds {max_len} positions; cannot write position "
                              f"{position + tokens_per_row - 1}")
-        if x.shape != (batch * tokens_per_row, self.n_embd) or not x.is_contiguous():
-            raise ValueError(f"x must be a contiguous ({batch * tokens_per_row}, {self.n_embd}) "
-                             f"tensor, got {tuple(x.shape)}")
+        if not self.accepts(keys, values, batch):
+            raise ValueError("the cache must be contiguous CPU float32 buffers")
+        if (x.shape != (batch * tokens_per_row, self.n_embd) or not x.is_contiguous()
+                or not _is_cpu_f32(x)):
+            raise ValueError(f"x must be a contiguous CPU float32 ({batch * tokens_per_row}, "
+                             f"{self.n_embd}) tensor, got {tuple(x.shape)} {x.dtype}")
         if mask is not None and mask.shape != (batch, position + tokens_per_row):
             raise ValueError(f"mask must be ({batch}, {position + tokens_per_row}), "
                              f"got {tuple(mask.shape)}")
@@ -213,9 +228,11 @@ class GPTDecoder:
         if mask is not None:
             mask = mask.to(torch.uint8).contiguous()
         logits = torch.empty(rows, self.vocab, dtype=torch.float32)
-        _state["function"]["gpt_decode"](
+        status = _state["functions"]["gpt_decode"](
             self._table, caches, self.n_layer, rows, tokens_per_row, self.n_embd, n_head,
             self.n_inner, max_len, position, _address(mask), self._eps, self._activation,
             *self._ln_f, self._head, self.vocab, x.data_ptr(), logits.data_ptr(),
             torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("the fused decode step could not allocate its scratch memory")
         return logits

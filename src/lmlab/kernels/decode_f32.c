@@ -97,20 +97,6 @@ static inline void row_products(const float *w_row, const float *x, int64_t rows
 /* The most rows one call takes (the fused step's batch 16 included). */
 #define MAX_ROWS 16
 
-/* x: (rows, in), w: (out, in), bias: (out) or NULL, y: (rows, out); all contiguous. */
-void lmlab_linear_f32(const float *x, int64_t rows, int64_t in, const float *w, int64_t out,
-                      const float *bias, float *y, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < out; n++) {
-        const float *w_row = w + n * in;
-        const float b = bias ? bias[n] : 0.0f;
-        float dots[MAX_ROWS];
-        row_products(w_row, x, rows, in, dots);
-        for (int64_t m = 0; m < rows; m++)
-            y[m * out + n] = dots[m] + b;
-    }
-}
-
 /* ---- one decode step of a GPT-2-style model ------------------------------------------------
  * A decode step of a small model is ~100 tensor operations of a few microseconds each; in
  * eager PyTorch their dispatch, Python and thread wake-ups cost as much as the arithmetic
@@ -188,36 +174,50 @@ static void activate_all(float *h, int64_t n, int act) {
     }
 }
 
-/* Inside a parallel region: y[m, n] (+)= act(dot(w[n], x[m]) + b[n]) for every row m. */
+/* Inside a parallel region: y[m, n] (+)= dot(w[n], x[m]) + b[n] for every row m; threads split
+ * the output rows n, so each weight row is streamed from memory once. */
 static void products(const float *x, int64_t rows, int64_t in, const float *w, int64_t out,
-                     const float *bias, float *y, int accumulate, int act) {
+                     const float *bias, float *y, int accumulate) {
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < out; n++) {
-        const float *w_row = w + n * in;
         const float b = bias ? bias[n] : 0.0f;
         float dots[MAX_ROWS];
-        row_products(w_row, x, rows, in, dots);
+        row_products(w + n * in, x, rows, in, dots);
         for (int64_t m = 0; m < rows; m++) {
-            float v = dots[m] + b;
-            if (act >= 0) v = activate(v, act);
-            if (accumulate) y[m * out + n] += v;
-            else y[m * out + n] = v;
+            if (accumulate) y[m * out + n] += dots[m] + b;
+            else y[m * out + n] = dots[m] + b;
         }
     }
 }
 
-/* x: (rows, C) embeddings in, residual stream (overwritten); rows = batch × tokens_per_row,
+/* x: (rows, in), w: (out, in), bias: (out) or NULL, y: (rows, out); all contiguous. */
+void lmlab_linear_f32(const float *x, int64_t rows, int64_t in, const float *w, int64_t out,
+                      const float *bias, float *y, int threads) {
+    #pragma omp parallel num_threads(threads)
+    products(x, rows, in, w, out, bias, y, 0);
+}
+
+/* Inside a parallel region: out[m] = LayerNorm(x[m]) for every row m. */
+static void layer_norm_rows(const float *x, int64_t rows, int64_t n, const float *w,
+                            const float *b, float eps, float *out) {
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < rows; m++)
+        layer_norm(x + m * n, w, b, eps, n, out + m * n);
+}
+
+/* Returns 0, or -1 when its scratch memory cannot be allocated (nothing is written then).
+ * x: (rows, C) embeddings in, residual stream (overwritten); rows = batch × tokens_per_row,
  * row m being token m % tokens_per_row of batch row m / tokens_per_row. keys/values: per layer
  * one (batch, n_head, max_len, head_dim) contiguous cache; token t is written at position + t
  * and attends to the positions up to its own. mask: (batch, position + tokens_per_row) bytes,
  * 1 where a key may be attended (a token always attends to itself, as models/layers.py's
  * padded_causal_mask has it), or NULL for all. */
-void lmlab_gpt_decode_f32(const int64_t *weights, const int64_t *caches, int64_t n_layer,
-                          int64_t rows, int64_t tokens_per_row, int64_t n_embd, int64_t n_head,
-                          int64_t n_inner, int64_t max_len, int64_t position, const uint8_t *mask,
-                          float eps, int act, const float *ln_f_w, const float *ln_f_b,
-                          const float *head_w, int64_t vocab, float *x, float *logits,
-                          int threads) {
+int lmlab_gpt_decode_f32(const int64_t *weights, const int64_t *caches, int64_t n_layer,
+                         int64_t rows, int64_t tokens_per_row, int64_t n_embd, int64_t n_head,
+                         int64_t n_inner, int64_t max_len, int64_t position, const uint8_t *mask,
+                         float eps, int act, const float *ln_f_w, const float *ln_f_b,
+                         const float *head_w, int64_t vocab, float *x, float *logits,
+                         int threads) {
     const int64_t C = n_embd, D = n_embd / n_head, T = tokens_per_row, S = position + T;
     const float scale = 1.0f / sqrtf((float)D);
     float *normed = malloc(sizeof(float) * rows * C);
@@ -225,69 +225,67 @@ void lmlab_gpt_decode_f32(const int64_t *weights, const int64_t *caches, int64_t
     float *heads = malloc(sizeof(float) * rows * C);
     float *hidden = malloc(sizeof(float) * rows * n_inner);
     float *scores = malloc(sizeof(float) * rows * n_head * S);
-    #pragma omp parallel num_threads(threads)
-    for (int64_t l = 0; l < n_layer; l++) {
-        const float *const *p = (const float *const *)(weights + l * PER_LAYER);
-        float *keys = (float *)caches[2 * l], *values = (float *)caches[2 * l + 1];
-        #pragma omp for schedule(static)
-        for (int64_t m = 0; m < rows; m++)
-            layer_norm(x + m * C, p[LN1_W], p[LN1_B], eps, C, normed + m * C);
-        products(normed, rows, C, p[ATTN_W], 3 * C, p[ATTN_B], qkv, 0, -1);
-        #pragma omp for schedule(static)
-        for (int64_t mh = 0; mh < rows * n_head; mh++) {  /* this step's keys and values */
-            const int64_t m = mh / n_head, h = mh % n_head, b = m / T, t = m % T;
-            const int64_t at = ((b * n_head + h) * max_len + position + t) * D;
-            for (int64_t d = 0; d < D; d++) {
-                keys[at + d] = qkv[m * 3 * C + C + h * D + d];
-                values[at + d] = qkv[m * 3 * C + 2 * C + h * D + d];
-            }
-        }
-        #pragma omp for schedule(static)
-        for (int64_t mh = 0; mh < rows * n_head; mh++) {  /* attention, one (token, head) each */
-            const int64_t m = mh / n_head, h = mh % n_head, b = m / T, own = position + m % T;
-            const float *q = qkv + m * 3 * C + h * D;
-            const float *k_cache = keys + (b * n_head + h) * max_len * D;
-            const float *v_cache = values + (b * n_head + h) * max_len * D;
-            float *score = scores + mh * S, top = -INFINITY;
-            for (int64_t s = 0; s <= own; s++) {
-                if (mask && !mask[b * S + s] && s != own) { score[s] = -INFINITY; continue; }
-                score[s] = dot(k_cache + s * D, q, D) * scale;
-                if (score[s] > top) top = score[s];
-            }
-            float total = 0.0f;
-            int64_t s = 0;
-            for (; s + 8 <= own + 1; s += 8) {
-                const __m256 v = _mm256_loadu_ps(score + s);
-                const __m256 masked = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
-                const __m256 e = _mm256_blendv_ps(exp8(_mm256_sub_ps(v, _mm256_set1_ps(top))),
-                                                  _mm256_setzero_ps(), masked);
-                _mm256_storeu_ps(score + s, e);
-            }
-            for (; s <= own; s++)
-                score[s] = score[s] == -INFINITY ? 0.0f : expf(score[s] - top);
-            for (s = 0; s <= own; s++) total += score[s];
-            float *out = heads + m * C + h * D;
-            for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-            for (int64_t s = 0; s <= own; s++) {
-                const float weight = score[s] / total, *v = v_cache + s * D;
-                if (weight != 0.0f)
-                    for (int64_t d = 0; d < D; d++) out[d] += weight * v[d];
-            }
-        }
-        products(heads, rows, C, p[PROJ_W], C, p[PROJ_B], x, 1, -1);
-        #pragma omp for schedule(static)
-        for (int64_t m = 0; m < rows; m++)
-            layer_norm(x + m * C, p[LN2_W], p[LN2_B], eps, C, normed + m * C);
-        products(normed, rows, C, p[FC_W], n_inner, p[FC_B], hidden, 0, -1);
-        activate_all(hidden, rows * n_inner, act);
-        products(hidden, rows, n_inner, p[FC2_W], C, p[FC2_B], x, 1, -1);
+    if (!normed || !qkv || !heads || !hidden || !scores) {
+        free(normed); free(qkv); free(heads); free(hidden); free(scores);
+        return -1;
     }
     #pragma omp parallel num_threads(threads)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t m = 0; m < rows; m++)
-            layer_norm(x + m * C, ln_f_w, ln_f_b, eps, C, normed + m * C);
-        products(normed, rows, C, head_w, vocab, NULL, logits, 0, -1);
+    {  /* one region for the whole step: the stages are split by the barriers of `omp for` */
+        for (int64_t l = 0; l < n_layer; l++) {
+            const float *const *p = (const float *const *)(weights + l * PER_LAYER);
+            float *keys = (float *)caches[2 * l], *values = (float *)caches[2 * l + 1];
+            layer_norm_rows(x, rows, C, p[LN1_W], p[LN1_B], eps, normed);
+            products(normed, rows, C, p[ATTN_W], 3 * C, p[ATTN_B], qkv, 0);
+            #pragma omp for schedule(static)
+            for (int64_t mh = 0; mh < rows * n_head; mh++) {  /* this step's keys and values */
+                const int64_t m = mh / n_head, h = mh % n_head, b = m / T, t = m % T;
+                const int64_t at = ((b * n_head + h) * max_len + position + t) * D;
+                for (int64_t d = 0; d < D; d++) {
+                    keys[at + d] = qkv[m * 3 * C + C + h * D + d];
+                    values[at + d] = qkv[m * 3 * C + 2 * C + h * D + d];
+                }
+            }
+            #pragma omp for schedule(static)
+            for (int64_t mh = 0; mh < rows * n_head; mh++) {  /* attention, one (token, head) each */
+                const int64_t m = mh / n_head, h = mh % n_head, b = m / T, own = position + m % T;
+                const float *q = qkv + m * 3 * C + h * D;
+                const float *k_cache = keys + (b * n_head + h) * max_len * D;
+                const float *v_cache = values + (b * n_head + h) * max_len * D;
+                float *score = scores + mh * S, top = -INFINITY;
+                for (int64_t s = 0; s <= own; s++) {
+                    if (mask && !mask[b * S + s] && s != own) { score[s] = -INFINITY; continue; }
+                    score[s] = dot(k_cache + s * D, q, D) * scale;
+                    if (score[s] > top) top = score[s];
+                }
+                float total = 0.0f;
+                int64_t s = 0;
+                for (; s + 8 <= own + 1; s += 8) {
+                    const __m256 v = _mm256_loadu_ps(score + s);
+                    const __m256 masked = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+                    const __m256 e = _mm256_blendv_ps(exp8(_mm256_sub_ps(v, _mm256_set1_ps(top))),
+                                                      _mm256_setzero_ps(), masked);
+                    _mm256_storeu_ps(score + s, e);
+                }
+                for (; s <= own; s++)
+                    score[s] = score[s] == -INFINITY ? 0.0f : expf(score[s] - top);
+                for (s = 0; s <= own; s++) total += score[s];
+                float *out = heads + m * C + h * D;
+                for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+                for (s = 0; s <= own; s++) {
+                    const float weight = score[s] / total, *v = v_cache + s * D;
+                    if (weight != 0.0f)
+                        for (int64_t d = 0; d < D; d++) out[d] += weight * v[d];
+                }
+            }
+            products(heads, rows, C, p[PROJ_W], C, p[PROJ_B], x, 1);
+            layer_norm_rows(x, rows, C, p[LN2_W], p[LN2_B], eps, normed);
+            products(normed, rows, C, p[FC_W], n_inner, p[FC_B], hidden, 0);
+            activate_all(hidden, rows * n_inner, act);
+            products(hidden, rows, n_inner, p[FC2_W], C, p[FC2_B], x, 1);
+        }
+        layer_norm_rows(x, rows, C, ln_f_w, ln_f_b, eps, normed);
+        products(normed, rows, C, head_w, vocab, NULL, logits, 0);
     }
     free(normed); free(qkv); free(heads); free(hidden); free(scores);
+    return 0;
 }

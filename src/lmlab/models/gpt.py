@@ -278,7 +278,7 @@ class GPT(nn.Module):
         decoder = self._fused_decoder(cache, batch, batch)
         if decoder is not None:
             logits = decoder.step(x, cache.keys, cache.values, position=position,
-                                  mask=None if mask is None else mask[:, 0, 0])
+                                  mask=None if mask is None else attention_mask)
             cache.advance(1)
             return logits
         for i, block in enumerate(self.h):
@@ -306,12 +306,7 @@ class GPT(nn.Module):
                 [self._block_tensors(block) for block in self.h], head=self.lm_head.weight,
                 ln_f=(self.ln_f.weight, self.ln_f.bias), eps=self.config.layer_norm_epsilon,
                 activation=self.config.activation)
-        keys = cache.keys[0]
-        if (plan and keys.dtype == torch.float32 and keys.device.type == "cpu"
-                and keys.shape[0] == batch and all(t.is_contiguous() for t in cache.keys)
-                and all(t.is_contiguous() for t in cache.values)):
-            return plan
-        return None
+        return plan if plan and plan.accepts(cache.keys, cache.values, batch) else None
 
     def _stock_architecture(self) -> bool:
         if torch.nn.modules.module._global_forward_hooks or \

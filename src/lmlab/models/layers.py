@@ -38,6 +38,8 @@ def _onednn_available() -> bool:
 
 
 ONEDNN = _onednn_available()
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) that decodes faster on CPU.
 
@@ -60,19 +62,19 @@ class Linear(nn.Linear):
     _wide_calls = 0  # calls with more than kernels.MAX_ROWS rows in the current block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._decoding and not torch.is_grad_enabled():
-            rows = x.numel() // x.shape[-1]
-            if rows <= kernels.MAX_ROWS and self.weight.is_contiguous() and kernels.available():
-                out = kernels.linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
-                return out.view(*x.shape[:-1], out.shape[-1])
+        if not self._decoding or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        if len(flat) <= kernels.MAX_ROWS and self.weight.is_contiguous() and kernels.available():
+            out = kernels.linear(flat, self.weight, self.bias)
+        else:
             self._wide_calls += 1
             if self._packed is None and self._wide_calls >= 2 and ONEDNN:
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-            if self._packed is not None:
-                flat = x.reshape(-1, x.shape[-1])
-                out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self.bias, "none", [], "")
-                return out.view(*x.shape[:-1], out.shape[-1])
-        return F.linear(x, self.weight, self.bias)
+            if self._packed is None:
+                return F.linear(x, self.weight, self.bias)
+            out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 @contextlib.contextmanager
@@ -91,7 +93,6 @@ def packed_inference(model: nn.Module):
         model._packed_depth = getattr(model, "_packed_depth", 0) + 1
     try:
         if outermost:
-            model._decode_plan = None
             for m in layers:
                 m._decoding = True
         yield model
