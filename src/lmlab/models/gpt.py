@@ -256,11 +256,11 @@ class GPT(nn.Module):
 
         Decoding a small model spends much of a token's time in the glue around the arithmetic.
         Inside decoding on CPU (see `_fused_decoder`) the whole step is one call into
-        lmlab's C kernel: the same arithmetic in another summation order, so the logits equal
-        forward's to ~1e-6, not bit for bit. Otherwise this path keeps only what one query
+        lmlab's C kernel, as forward's is there: the module path's arithmetic in another
+        summation order (logits equal to ~1e-6). Otherwise this path keeps only what one query
         needs — no causal-mask or position-range construction, no dropout modules, no
-        (B, T, 3, nh, hs) permutes — and gives forward's numbers bit for bit, still calling the
-        layers as modules so that hooks and replaced layers work.
+        (B, T, 3, nh, hs) permutes — still calling the layers as modules so that hooks and
+        replaced layers work. Either way, forward's numbers bit for bit.
         """
         if self.training:  # dropout is active: the full path
             return self(token, cache=cache, attention_mask=attention_mask)[:, -1]
