@@ -2,12 +2,15 @@
 
 Times the whole command (`lmlab pretrain --config configs/pretrain/shakespeare_char.yaml …`,
 interpreter start-up, data preparation and evaluations included) by wall clock, and reads the
-final validation loss (over the whole validation split) from metrics.jsonl. The reference is
-nanoGPT's own train.py on the same recipe on this kind of machine (2 cores): about 155 s wall
-time, 65–80 ms per iteration, validation loss 1.886 (median of 3 runs, from the issue tracker;
-nanoGPT itself is not installed here).
+final validation loss (over the whole validation split) from metrics.jsonl.
 
-    python benchmarks/shakespeare_char.py [--runs 3] [--write]
+The peer is nanoGPT's own train.py on the same recipe. Give `--nanogpt DIR` (a checkout of
+github.com/karpathy/nanoGPT whose data/shakespeare_char/ holds train.bin, val.bin and meta.pkl
+from its prepare.py) and the two commands run alternately, round after round, on this machine;
+without it the ratio is taken against a figure measured earlier on another machine of this kind
+(155 s), which says little: CPUs differ by 2x between sessions here.
+
+    python benchmarks/shakespeare_char.py [--runs 3] [--nanogpt DIR] [--write]
 """
 
 from __future__ import annotations
@@ -28,7 +31,21 @@ from common import machine, update_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "tiny_shakespeare" / "input.txt"
-NANOGPT_SECONDS, NANOGPT_LOSS = 155.0, 1.886
+NANOGPT_SECONDS, NANOGPT_LOSS = 155.0, 1.886  # the reference figure, without --nanogpt
+NANOGPT_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+                  "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
+                  "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                  "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def run_nanogpt(checkout: Path, out: Path) -> tuple[float, float]:
+    """nanoGPT's train.py on the recipe (README's CPU command): wall seconds, last val loss."""
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "train.py", *NANOGPT_RECIPE, f"--out_dir={out}"],
+                            cwd=checkout, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    last = [line for line in result.stdout.splitlines() if line.startswith("step 2000:")]
+    return wall, float(last[-1].rsplit("val loss", 1)[1])
 
 
 def run_once(out: Path, seed: int) -> tuple[float, float, float]:
@@ -50,17 +67,27 @@ def run_once(out: Path, seed: int) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout to time alongside")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     if not DATA.exists():
         sys.exit(f"{DATA} not found: this benchmark needs ../shared/data beside the checkout")
-    results = []
+    if args.nanogpt and not (args.nanogpt / "data/shakespeare_char/train.bin").exists():
+        sys.exit(f"{args.nanogpt}/data/shakespeare_char/train.bin not found: run nanoGPT's "
+                 "data/shakespeare_char/prepare.py there first")
+    results, peer = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
+            if args.nanogpt:  # alternate, so that both see the same phases of a noisy machine
+                peer.append(run_nanogpt(args.nanogpt, Path(tmp) / f"nanogpt{i}"))
+                print(f"nanoGPT run {i + 1}: {peer[-1][0]:.1f} s wall, val loss {peer[-1][1]:.4f}",
+                      flush=True)
             # A run is deterministic given its seed: vary it, so the loss figure shows its spread.
             results.append(run_once(Path(tmp) / f"run{i}", seed=1337 + i))
-            print(f"run {i + 1}: {results[-1][0]:.1f} s wall, val loss {results[-1][1]:.4f}, "
-                  f"{results[-1][2]:.1f} ms/iteration", flush=True)
+            print(f"lmlab run {i + 1}: {results[-1][0]:.1f} s wall, val loss "
+                  f"{results[-1][1]:.4f}, {results[-1][2]:.1f} ms/iteration", flush=True)
+    peer_wall = statistics.median(r[0] for r in peer) if peer else NANOGPT_SECONDS
+    peer_loss = statistics.median(r[1] for r in peer) if peer else NANOGPT_LOSS
     wall = statistics.median(r[0] for r in results)
     loss = statistics.median(r[1] for r in results)
     ms = statistics.median(r[2] for r in results)
@@ -72,11 +99,15 @@ def main() -> None:
         "",
         "| | wall time | ms / iteration | final val loss |",
         "|---|---:|---:|---:|",
-        f"| nanoGPT train.py (reference figure, same kind of machine) | ~{NANOGPT_SECONDS:.0f} s | 65–80 | {NANOGPT_LOSS} |",
+        (f"| nanoGPT train.py (same machine, alternating runs) | {peer_wall:.0f} s | – | "
+         f"{peer_loss:.3f} |" if peer else
+         f"| nanoGPT train.py (reference figure, another machine) | ~{NANOGPT_SECONDS:.0f} s | "
+         f"65–80 | {NANOGPT_LOSS} |"),
         f"| lmlab (`configs/pretrain/shakespeare_char.yaml`) | {wall:.0f} s | {ms:.0f} | {loss:.3f} |",
         "",
-        f"**lmlab wall time / nanoGPT: {wall / NANOGPT_SECONDS:.2f}×** (runs: "
-        + ", ".join(f"{r[0]:.0f} s / {r[1]:.3f}" for r in results) + ")",
+        f"**lmlab wall time / nanoGPT: {wall / peer_wall:.2f}×** (lmlab runs: "
+        + ", ".join(f"{r[0]:.0f} s / {r[1]:.3f}" for r in results)
+        + ("; nanoGPT runs: " + ", ".join(f"{r[0]:.0f} s" for r in peer) if peer else "") + ")",
         "",
         "lmlab's validation loss is over the whole validation split (the last 10% of the text) in "
         "non-overlapping 64-character windows; nanoGPT's over 20 random batches.",

@@ -108,7 +108,7 @@ def test_switched_off_or_unbuildable_means_unavailable_with_a_reason(monkeypatch
     monkeypatch.setenv("LMLAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     function, reason = kernels._build()
-    assert function is None and "could not build decode_f32.c" in reason
+    assert function is None and "could not build the kernels" in reason
     assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left behind
     monkeypatch.delenv("CC")
     function, reason = kernels._build()  # a real compiler, a fresh cache folder

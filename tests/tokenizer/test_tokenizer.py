@@ -219,6 +219,26 @@ def test_char_level_unknown_character_raises() -> None:
         tok.encode_batch(["hello", "Q"])
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", " ", "\n", "😀", "\r", "<|endoftext|>"]),
+                max_size=40).map("".join))
+def test_char_level_table_lookup_equals_the_tokenizers_pipeline(text: str) -> None:
+    tok = Tokenizer.char_level("ab \n😀\r")
+    assert tok._char_table() is not None  # the fast path is the one under test
+    expected = tok.backend.encode(text).ids
+    assert tok.encode(text) == expected
+    assert tok.encode_batch([text, "ab"]) == [expected, tok.backend.encode("ab").ids]
+
+
+def test_char_level_table_lookup_is_not_used_for_another_pipeline() -> None:
+    from tokenizers import normalizers
+
+    tok = Tokenizer.char_level("abc ABC")
+    tok.backend.normalizer = normalizers.Lowercase()
+    assert tok._char_table() is None
+    assert tok.encode("AbC") == tok.encode("abc")
+
+
 def test_char_level_save_load(tmp_path: Path) -> None:
     (tmp_path / "input.txt").write_bytes("to be, or not to be\r\n".encode())
     tok = Tokenizer.char_level(files=[tmp_path / "input.txt"])

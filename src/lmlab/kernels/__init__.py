@@ -37,7 +37,9 @@ MAX_ROWS = 8
 FUSED_MAX_ROWS = 16
 _C_MAX_ROWS = 16
 
-_SOURCE = Path(__file__).with_name("decode_f32.c")
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / "decode_f32.c", _HERE / "train_f32.c"]
+_HEADERS = [_HERE / "simd.h", _HERE / "gpt_layout.h"]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
 _state: dict = {}  # "functions" once built (None if not), and "reason" why not
@@ -72,7 +74,7 @@ def _compile(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, str(_SOURCE)],
+        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, *map(str, _SOURCES)],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             first = (result.stderr.strip().splitlines() or ["no message"])[0]
@@ -90,14 +92,15 @@ def _build():
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None, "no C compiler (cc / gcc / $CC) on PATH"
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, *_FLAGS]).encode()).hexdigest()
-    target = _cache_dir() / f"{_SOURCE.stem}-{key[:16]}.so"
+    text = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
+    key = hashlib.sha256(text + " ".join([compiler, *_FLAGS]).encode()).hexdigest()
+    target = _cache_dir() / f"lmlab_kernels-{key[:16]}.so"
     try:
         if not target.exists():
             _compile(compiler, target)
         library = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        return None, f"could not build {_SOURCE.name}: {error}"
+        return None, f"could not build the kernels: {error}"
     pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     functions = {"linear": library.lmlab_linear_f32, "gpt_decode": library.lmlab_gpt_decode_f32}
     functions["linear"].argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer,
@@ -109,7 +112,40 @@ def _build():
                                         ctypes.c_int]
     functions["linear"].restype = None
     functions["gpt_decode"].restype = ctypes.c_int  # 0, or -1: out of memory
+    sgemm, threads_local = _torch_blas()
+    if sgemm is not None:
+        library.lmlab_set_blas(ctypes.c_void_p(sgemm), ctypes.c_void_p(threads_local))
+        functions["train_workspace"] = library.lmlab_gpt_train_workspace
+        functions["train_workspace"].argtypes = [integer] * 7
+        functions["train_workspace"].restype = integer
+        functions["train_forward"] = library.lmlab_gpt_train_forward
+        functions["train_forward"].argtypes = [pointer, *[integer] * 7, real, ctypes.c_int,
+                                               pointer, pointer, pointer, pointer, ctypes.c_int,
+                                               ctypes.c_int]
+        functions["train_forward"].restype = None
+        functions["train_backward"] = library.lmlab_gpt_train_backward
+        functions["train_backward"].argtypes = [pointer, *[integer] * 8, real, ctypes.c_int,
+                                                pointer, pointer, pointer, real, pointer,
+                                                pointer, pointer, integer, ctypes.c_int,
+                                                ctypes.c_int]
+        functions["train_backward"].restype = ctypes.c_int  # 0, or -1: out of memory
     return functions, None
+
+
+def _torch_blas() -> tuple[int | None, int | None]:
+    """Addresses of sgemm_ in the BLAS torch is linked with (MKL in the x86-64 wheels) and of
+    MKL's MKL_Set_Num_Threads_Local; None for what is missing. Without sgemm the training step
+    is not offered (it needs a BLAS as fast as torch's own)."""
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        handle = ctypes.CDLL(str(library))
+    except OSError:
+        return None, None
+    found = []
+    for name in ("sgemm_", "MKL_Set_Num_Threads_Local"):
+        symbol = getattr(handle, name, None)
+        found.append(None if symbol is None else ctypes.cast(symbol, ctypes.c_void_p).value)
+    return found[0], found[1]
 
 
 def _load():
@@ -236,3 +272,132 @@ class GPTDecoder:
         if status != 0:
             raise MemoryError("the fused decode step could not allocate its scratch memory")
         return logits
+
+
+# -- training ----------------------------------------------------------------------------------
+# The fused training step keeps the attention probabilities of every layer (batch · heads · T²
+# floats each) for its backward pass; beyond this many floats in all, the module path (SDPA's
+# flash attention, which recomputes them) is the better use of memory.
+TRAIN_MAX_ATTENTION_FLOATS = 64 * 2**20
+# Each shard beyond the first holds a gradient copy of every parameter until they are added up.
+TRAIN_MAX_SHARD_GRAD_FLOATS = 256 * 2**20
+
+
+def training_available() -> bool:
+    """Whether `gpt_causal_lm_loss` can run here (the kernels, and a BLAS sgemm from torch)."""
+    return available() and "train_forward" in _state["functions"]
+
+
+def training_shards(batch: int, n_params: int) -> int:
+    """How many shards (groups of whole sequences, one per thread) a step of `batch` rows is
+    cut into: one per thread, so every thread works; 0 when that cannot be done — fewer
+    sequences than threads, or too many gradient copies — and the module path should run."""
+    threads = torch.get_num_threads()
+    if batch < threads or (threads - 1) * n_params > TRAIN_MAX_SHARD_GRAD_FLOATS:
+        return 0
+    return threads
+
+
+class _GPTCausalLMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec, input_ids, labels, *params):
+        batch, T = input_ids.shape
+        fn = _load()
+        size = fn["train_workspace"](spec.n_layer, batch, T, spec.n_embd, spec.n_head,
+                                     spec.n_inner, spec.vocab)
+        ws = spec.pool.pop(("workspace", size), None)
+        if ws is None:
+            ws = torch.empty(size, dtype=torch.float32)
+        losses = torch.empty(spec.shards, dtype=torch.float64)
+        table = spec.table(params)
+        fn["train_forward"](table, spec.n_layer, batch, T, spec.n_embd, spec.n_head,
+                            spec.n_inner, spec.vocab, spec.eps, spec.activation,
+                            input_ids.data_ptr(), labels.data_ptr(), ws.data_ptr(),
+                            losses.data_ptr(), spec.shards, torch.get_num_threads())
+        ctx.spec, ctx.ws, ctx.table = spec, ws, table
+        ctx.save_for_backward(input_ids, labels, *params)
+        return torch.tensor(float(sum(losses.tolist())), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.ws is None:
+            raise RuntimeError("the fused GPT loss was already back-propagated (its logits became "
+                               "their gradient); retain_graph is not supported")
+        spec, ws = ctx.spec, ctx.ws
+        ctx.ws = None
+        input_ids, labels, *params = ctx.saved_tensors
+        batch, T = input_ids.shape
+        sizes = [p.numel() for p in params]
+        total = sum(sizes)
+        grads = torch.empty(total, dtype=torch.float32)
+        scratch_size = max(1, (spec.shards - 1) * total)
+        scratch = spec.pool.pop(("scratch", scratch_size), None)
+        if scratch is None:
+            scratch = torch.empty(scratch_size, dtype=torch.float32)
+        status = _load()["train_backward"](
+            ctx.table, spec.n_layer, batch, T, spec.n_embd, spec.n_head, spec.n_inner, spec.vocab,
+            spec.positions, spec.eps, spec.activation, input_ids.data_ptr(), labels.data_ptr(),
+            ws.data_ptr(), float(grad), spec.offsets(sizes), grads.data_ptr(),
+            scratch.data_ptr(), total, spec.shards, torch.get_num_threads())
+        # Fresh buffers of tens of MB cost a page fault per 4 KiB on every step (~10% of a
+        # small model's step): the caller's pool keeps them for the next one.
+        spec.pool[("workspace", ws.numel())] = ws
+        spec.pool[("scratch", scratch_size)] = scratch
+        if status != 0:
+            raise MemoryError("the fused GPT backward pass could not allocate its scratch memory")
+        views = [g.view(p.shape) for g, p in zip(grads.split(sizes), params)]
+        return (None, None, None, *views)
+
+
+class _TrainSpec:
+    """The C table layout of a GPT's parameters: per layer the twelve slots of GPTDecoder, then
+    wte, wpe, ln_f weight, ln_f bias, head; `slots[i]` indexes the unique parameters (or -1)."""
+
+    def __init__(self, slots, unique, *, n_layer, n_head, eps, activation, shards, pool):
+        self.slots, self.n_layer, self.n_head, self.eps = slots, n_layer, n_head, eps
+        self.pool = pool
+        self.activation, self.shards = GPT_ACTIVATIONS[activation], shards
+        wte, wpe = unique[slots[12 * n_layer]], unique[slots[12 * n_layer + 1]]
+        self.vocab, self.n_embd = wte.shape
+        self.positions = wpe.shape[0]
+        self.n_inner = unique[slots[8]].shape[0]
+        self.tied = slots[12 * n_layer + 4] == slots[12 * n_layer]
+
+    def table(self, params):
+        return (ctypes.c_int64 * len(self.slots))(
+            *[0 if i < 0 else params[i].data_ptr() for i in self.slots])
+
+    def offsets(self, sizes):
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        head = 12 * self.n_layer + 4
+        return (ctypes.c_int64 * len(self.slots))(
+            *[-1 if i < 0 or (self.tied and k == head) else starts[i]
+              for k, i in enumerate(self.slots)])
+
+
+def gpt_causal_lm_loss(layers, *, wte: torch.Tensor, wpe: torch.Tensor,
+                       ln_f: tuple[torch.Tensor, torch.Tensor | None], head: torch.Tensor,
+                       n_head: int, eps: float, activation: str, input_ids: torch.Tensor,
+                       labels: torch.Tensor, shards: int, pool: dict) -> torch.Tensor:
+    """Summed next-token cross-entropy of a GPT-2-style model (fp32 CPU, no dropout) on
+    `input_ids` (batch, T) against `labels` (batch, T), with autograd: its backward fills every
+    parameter's gradient in one C call. `layers` as for GPTDecoder; `head` may be `wte` (tied).
+    The caller checks eligibility (`training_available`, `training_shards`, stock architecture,
+    ids and labels in range, positions within wpe). `pool` (a dict the caller keeps, e.g. per
+    model) holds the step's large buffers between steps; a buffer is taken out while a step
+    uses it, so overlapping steps each get their own."""
+    tensors = [t for layer in layers for t in layer] + [wte, wpe, *ln_f, head]
+    unique, slots, index = [], [], {}
+    for t in tensors:
+        if t is None:
+            slots.append(-1)
+            continue
+        if id(t) not in index:
+            index[id(t)] = len(unique)
+            unique.append(t)
+        slots.append(index[id(t)])
+    spec = _TrainSpec(slots, unique, n_layer=len(layers), n_head=n_head, eps=eps,
+                      activation=activation, shards=shards, pool=pool)
+    return _GPTCausalLMLoss.apply(spec, input_ids.contiguous(), labels.contiguous(), *unique)

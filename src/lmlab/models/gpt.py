@@ -315,6 +315,8 @@ class GPT(nn.Module):
         if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
             return False
         for block in self.h:
+            if "forward" in vars(block):  # replaced, e.g. by activation checkpointing
+                return False
             parts = (block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2,
                      block.mlp.c_fc, block.mlp.c_proj)
             if tuple(map(type, parts)) != (nn.LayerNorm, Linear, Linear, nn.LayerNorm, Linear, Linear):
@@ -323,7 +325,47 @@ class GPT(nn.Module):
                 return False
         return (type(self.ln_f) is nn.LayerNorm and type(self.lm_head) is Linear
                 and self.config.activation in kernels.GPT_ACTIVATIONS
-                and all(p.is_contiguous() and p.dtype == torch.float32 for p in self.parameters()))
+                and all(p.is_contiguous() and p.dtype == torch.float32 and p.device.type == "cpu"
+                        for p in self.parameters()))
+
+    # -- training support ----------------------------------------------------------------------
+    def fused_lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """The summed next-token cross-entropy of `labels` given `input_ids` (both (B, T)),
+        computed with autograd by lmlab's C training step (lmlab/kernels/train_f32.c) — or None
+        where that step does not apply, and the caller takes logits from `forward`.
+
+        A small model's eager step is mostly dispatch and badly split small products; the C
+        step gives each thread whole sequences and single-threaded BLAS (nanoGPT's Shakespeare
+        recipe: ~20 instead of ~29 ms a step here). It applies to the stock architecture in
+        training on CPU in fp32 without dropout or autocast, with at least one sequence per
+        thread; the module path stays the reference it is tested against (gradients equal to
+        ~1e-6; the summation order differs, so the two are not bit-identical).
+        """
+        c = self.config
+        if not (self.training and torch.is_grad_enabled() and not _cpu_autocast()
+                and c.embd_dropout == c.resid_dropout == c.attn_dropout == 0.0
+                and input_ids.dim() == 2 and labels.shape == input_ids.shape
+                and input_ids.dtype == labels.dtype == torch.long
+                and input_ids.device.type == labels.device.type == "cpu"
+                and kernels.training_available()):
+            return None
+        batch, T = input_ids.shape
+        n_params = sum(p.numel() for p in self.parameters())
+        shards = kernels.training_shards(batch, n_params)
+        attention = c.n_layer * batch * c.n_head * T * T
+        if (shards == 0 or T > c.n_positions or attention > kernels.TRAIN_MAX_ATTENTION_FLOATS
+                or not self._stock_architecture()):
+            return None
+        # Out-of-range ids would be read as addresses in C; forward raises the proper error.
+        if (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size
+                or int(labels.min()) < 0 or int(labels.max()) >= c.vocab_size):
+            return None
+        pool = self.__dict__.setdefault("_train_buffers", {})
+        return kernels.gpt_causal_lm_loss(
+            [self._block_tensors(block) for block in self.h], wte=self.wte.weight,
+            wpe=self.wpe.weight, ln_f=(self.ln_f.weight, self.ln_f.bias),
+            head=self.lm_head.weight, n_head=c.n_head, eps=c.layer_norm_epsilon,
+            activation=c.activation, input_ids=input_ids, labels=labels, shards=shards, pool=pool)
 
     @staticmethod
     def _block_tensors(block: Block) -> tuple:

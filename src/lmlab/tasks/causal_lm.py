@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from lmlab.data.dataset import iter_eval_batches, sample_batch
+from lmlab.models.gpt import GPT
 from lmlab.tasks.losses import summed_cross_entropy
 
 
@@ -60,7 +61,13 @@ class CausalLMTask:
         return batch["labels"].numel()
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed cross-entropy over every target token (the loop normalises)."""
+        """Summed cross-entropy over every target token (the loop normalises). A plain GPT
+        (not wrapped for DDP/FSDP or compiled) trains through its fused C step where that
+        applies (GPT.fused_lm_loss)."""
+        if type(model) is GPT:
+            fused = model.fused_lm_loss(batch["input_ids"], batch["labels"])
+            if fused is not None:
+                return fused
         logits = model(batch["input_ids"])
         return summed_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                     batch["labels"].reshape(-1))
