@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,15 @@ def test_char_level_unknown_character_raises() -> None:
 @given(st.lists(st.sampled_from(["a", "b", " ", "\n", "😀", "\r", "<|endoftext|>"]),
                 max_size=40).map("".join))
 def test_char_level_table_lookup_equals_the_tokenizers_pipeline(text: str) -> None:
+    tokenizer_module = sys.modules[Tokenizer.__module__]
+    tokenizer_module._CHAR_TABLE_MIN_CHARS, threshold = 0, tokenizer_module._CHAR_TABLE_MIN_CHARS
+    try:
+        check_table_lookup(text)
+    finally:
+        tokenizer_module._CHAR_TABLE_MIN_CHARS = threshold
+
+
+def check_table_lookup(text: str) -> None:
     tok = Tokenizer.char_level("ab \n😀\r")
     assert tok._char_table() is not None  # the fast path is the one under test
     expected = tok.backend.encode(text).ids

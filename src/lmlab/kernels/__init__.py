@@ -361,20 +361,18 @@ class _TrainSpec:
         self.vocab, self.n_embd = wte.shape
         self.positions = wpe.shape[0]
         self.n_inner = unique[slots[8]].shape[0]
-        self.tied = slots[12 * n_layer + 4] == slots[12 * n_layer]
 
     def table(self, params):
         return (ctypes.c_int64 * len(self.slots))(
             *[0 if i < 0 else params[i].data_ptr() for i in self.slots])
 
     def offsets(self, sizes):
+        """Where each slot's gradient starts in the flat buffer (-1: no such tensor). A tied
+        head shares wte's slice; the C code sees the same address and writes it once."""
         starts = [0]
         for size in sizes[:-1]:
             starts.append(starts[-1] + size)
-        head = 12 * self.n_layer + 4
-        return (ctypes.c_int64 * len(self.slots))(
-            *[-1 if i < 0 or (self.tied and k == head) else starts[i]
-              for k, i in enumerate(self.slots)])
+        return (ctypes.c_int64 * len(self.slots))(*[-1 if i < 0 else starts[i] for i in self.slots])
 
 
 def gpt_causal_lm_loss(layers, *, wte: torch.Tensor, wpe: torch.Tensor,

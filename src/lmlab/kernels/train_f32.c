@@ -51,7 +51,7 @@ static void gemm(char ta, char tb, int M, int N, int K, const float *A, int lda,
     const float one = 1.0f;
     sgemm(&tb, &ta, &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
 }
-/* C = A (M x K) . B^T, B (N x K): a Linear layer's forward, and dW-free products. */
+/* C = A (M x K) . B^T, B (N x K): a Linear layer's forward. */
 #define MM_NT(M, N, K, A, B, beta, C) gemm('N', 'T', M, N, K, A, K, B, K, beta, C, N)
 /* C = A (M x K) . B (K x N): the input gradient of a Linear layer. */
 #define MM_NN(M, N, K, A, B, beta, C) gemm('N', 'N', M, N, K, A, K, B, N, beta, C, N)

@@ -34,6 +34,9 @@ _ANY_CHAR = Regex(r"[\s\S]")
 # That Split as tokenizer.json writes it (the char-level fast path checks for it).
 _CHAR_SPLIT = {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
                "invert": False}
+# Building the lookup table costs ~35 µs (the backend's JSON, parsed), ~20 characters of the
+# backend's pipeline: shorter inputs (prompts) go straight to the backend.
+_CHAR_TABLE_MIN_CHARS = 4096
 # transformers writes this VERY_LARGE_INTEGER to mean "no known maximum length".
 _NO_MAX_LENGTH = int(1e30)
 
@@ -256,7 +259,8 @@ class Tokenizer:
         if not all(isinstance(text, str) for text in texts):
             bad = next(text for text in texts if not isinstance(text, str))
             raise TypeError(f"can only encode str, got {type(bad).__name__}")
-        table = self._char_table() if not add_special_tokens else None
+        long_enough = sum(map(len, texts)) >= _CHAR_TABLE_MIN_CHARS
+        table = self._char_table() if long_enough and not add_special_tokens else None
         if table is not None:
             fast = [_lookup_chars(text, *table) for text in texts]
             if all(ids is not None for ids in fast):
