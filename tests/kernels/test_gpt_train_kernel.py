@@ -3,6 +3,7 @@ path it replaces."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,10 +136,8 @@ def test_gpt_takes_the_fused_step_only_where_it_applies(monkeypatch):
     bad = labels.clone()
     bad[0, 0] = VOCAB
     assert model.fused_lm_loss(ids, bad) is None  # forward's path reports bad ids itself
-    with torch.no_grad():
-        assert model.fused_lm_loss(ids, labels) is None
-    model.eval()
-    assert model.fused_lm_loss(ids, labels) is None
+    model.eval()  # dropout is off either way: the same step
+    assert model.fused_lm_loss(ids, labels) is not None
     model.train()
     handle = model.h[0].register_forward_hook(lambda *args: None)
     assert model.fused_lm_loss(ids, labels) is None
@@ -147,6 +146,8 @@ def test_gpt_takes_the_fused_step_only_where_it_applies(monkeypatch):
         assert model.fused_lm_loss(ids, labels) is None
     dropout = build(**CONFIGS["exact gelu, tied, biases"], resid_dropout=0.1)
     assert dropout.fused_lm_loss(ids, labels) is None
+    dropout.eval()  # inactive in evaluation
+    assert dropout.fused_lm_loss(ids, labels) is not None
     checkpoint_blocks(model)
     assert model.fused_lm_loss(ids, labels) is None
 
@@ -164,3 +165,45 @@ def test_causal_lm_task_trains_a_plain_gpt_through_it(monkeypatch):
     assert calls == [1]
     reference = summed_cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1))
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_without_grad_mode_the_forward_pass_alone_gives_the_loss(monkeypatch, mode):
+    one_thread_per_sequence(monkeypatch)
+    model = build(**CONFIGS["relu, narrow MLP"])
+    model.eval()
+    ids, labels = batch()
+    with torch.no_grad():
+        reference = summed_cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1))
+    pool = model.__dict__.setdefault("_train_buffers", {})
+    for _ in range(2):  # the second call reuses the pooled workspace
+        with getattr(torch, mode)():
+            loss = model.fused_lm_loss(ids, labels)
+        assert loss is not None and loss.grad_fn is None
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-4)
+    assert list(pool) == ["workspace"]
+    # a smaller batch takes the larger pooled buffer; training afterwards still matches
+    model.train()
+    small = model.fused_lm_loss(ids[:2], labels[:2])
+    assert pool == {}  # taken while the step is in flight
+    small.backward()
+    assert set(pool) == {"workspace", "scratch"}
+
+
+def test_causal_lm_task_evaluates_a_plain_gpt_through_it(monkeypatch):
+    one_thread_per_sequence(monkeypatch)
+    model = build(**CONFIGS["exact gelu, tied, biases"])
+    tokens = np.random.default_rng(0).integers(0, VOCAB, 20 * T + 1).astype(np.uint16)
+    task = CausalLMTask(train_tokens=tokens, val_tokens=tokens, block_size=T, batch_size=4,
+                        seed=0, device=torch.device("cpu"), eval_batch_size=6)
+    calls = []
+    real = kernels.gpt_causal_lm_loss
+    monkeypatch.setattr(kernels, "gpt_causal_lm_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.eval()
+    fused = task.evaluate(model, final=True)
+    assert len(calls) == 4  # 20 windows in batches of 6, the last of 2
+    with torch.no_grad():
+        x = torch.from_numpy(tokens[:-1].astype(np.int64)).view(20, T)
+        y = torch.from_numpy(tokens[1:].astype(np.int64)).view(20, T)
+        expected = float(summed_cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))) / y.numel()
+    assert fused["val_loss"] == pytest.approx(expected, rel=1e-5)

@@ -298,25 +298,42 @@ def training_shards(batch: int, n_params: int) -> int:
     return threads
 
 
+def _take(pool: dict, kind: str, size: int) -> torch.Tensor:
+    """A float buffer of at least `size` elements from the pool (taken out while in use)."""
+    buffer = pool.pop(kind, None)
+    return (buffer if buffer is not None and buffer.numel() >= size
+            else torch.empty(size, dtype=torch.float32))
+
+
+def _give_back(pool: dict, kind: str, buffer: torch.Tensor) -> None:
+    if kind not in pool or pool[kind].numel() < buffer.numel():
+        pool[kind] = buffer
+
+
+def _forward(spec, input_ids, labels, params):
+    """The C forward pass: (summed loss as a 0-d fp32 tensor, workspace holding the
+    activations, pointer table)."""
+    batch, T = input_ids.shape
+    fn = _load()
+    size = fn["train_workspace"](spec.n_layer, batch, T, spec.n_embd, spec.n_head, spec.n_inner,
+                                 spec.vocab)
+    ws = _take(spec.pool, "workspace", size)
+    losses = torch.empty(spec.shards, dtype=torch.float64)
+    table = spec.table(params)
+    fn["train_forward"](table, spec.n_layer, batch, T, spec.n_embd, spec.n_head, spec.n_inner,
+                        spec.vocab, spec.eps, spec.activation, input_ids.data_ptr(),
+                        labels.data_ptr(), ws.data_ptr(), losses.data_ptr(), spec.shards,
+                        torch.get_num_threads())
+    return torch.tensor(float(sum(losses.tolist())), dtype=torch.float32), ws, table
+
+
 class _GPTCausalLMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, input_ids, labels, *params):
-        batch, T = input_ids.shape
-        fn = _load()
-        size = fn["train_workspace"](spec.n_layer, batch, T, spec.n_embd, spec.n_head,
-                                     spec.n_inner, spec.vocab)
-        ws = spec.pool.pop(("workspace", size), None)
-        if ws is None:
-            ws = torch.empty(size, dtype=torch.float32)
-        losses = torch.empty(spec.shards, dtype=torch.float64)
-        table = spec.table(params)
-        fn["train_forward"](table, spec.n_layer, batch, T, spec.n_embd, spec.n_head,
-                            spec.n_inner, spec.vocab, spec.eps, spec.activation,
-                            input_ids.data_ptr(), labels.data_ptr(), ws.data_ptr(),
-                            losses.data_ptr(), spec.shards, torch.get_num_threads())
-        ctx.spec, ctx.ws, ctx.table = spec, ws, table
+        loss, ctx.ws, ctx.table = _forward(spec, input_ids, labels, params)
+        ctx.spec = spec
         ctx.save_for_backward(input_ids, labels, *params)
-        return torch.tensor(float(sum(losses.tolist())), dtype=torch.float32)
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
@@ -330,10 +347,7 @@ class _GPTCausalLMLoss(torch.autograd.Function):
         sizes = [p.numel() for p in params]
         total = sum(sizes)
         grads = torch.empty(total, dtype=torch.float32)
-        scratch_size = max(1, (spec.shards - 1) * total)
-        scratch = spec.pool.pop(("scratch", scratch_size), None)
-        if scratch is None:
-            scratch = torch.empty(scratch_size, dtype=torch.float32)
+        scratch = _take(spec.pool, "scratch", max(1, (spec.shards - 1) * total))
         status = _load()["train_backward"](
             ctx.table, spec.n_layer, batch, T, spec.n_embd, spec.n_head, spec.n_inner, spec.vocab,
             spec.positions, spec.eps, spec.activation, input_ids.data_ptr(), labels.data_ptr(),
@@ -341,8 +355,8 @@ class _GPTCausalLMLoss(torch.autograd.Function):
             scratch.data_ptr(), total, spec.shards, torch.get_num_threads())
         # Fresh buffers of tens of MB cost a page fault per 4 KiB on every step (~10% of a
         # small model's step): the caller's pool keeps them for the next one.
-        spec.pool[("workspace", ws.numel())] = ws
-        spec.pool[("scratch", scratch_size)] = scratch
+        _give_back(spec.pool, "workspace", ws)
+        _give_back(spec.pool, "scratch", scratch)
         if status != 0:
             raise MemoryError("the fused GPT backward pass could not allocate its scratch memory")
         views = [g.view(p.shape) for g, p in zip(grads.split(sizes), params)]
@@ -381,21 +395,24 @@ def gpt_causal_lm_loss(layers, *, wte: torch.Tensor, wpe: torch.Tensor,
                        labels: torch.Tensor, shards: int, pool: dict) -> torch.Tensor:
     """Summed next-token cross-entropy of a GPT-2-style model (fp32 CPU, no dropout) on
     `input_ids` (batch, T) against `labels` (batch, T), with autograd: its backward fills every
-    parameter's gradient in one C call. `layers` as for GPTDecoder; `head` may be `wte` (tied).
+    parameter's gradient in one C call (without grad mode, the forward pass alone). `layers` as for GPTDecoder; `head` may be `wte` (tied).
     The caller checks eligibility (`training_available`, `training_shards`, stock architecture,
     ids and labels in range, positions within wpe). `pool` (a dict the caller keeps, e.g. per
     model) holds the step's large buffers between steps; a buffer is taken out while a step
     uses it, so overlapping steps each get their own."""
     tensors = [t for layer in layers for t in layer] + [wte, wpe, *ln_f, head]
-    unique, slots, index = [], [], {}
-    for t in tensors:
-        if t is None:
-            slots.append(-1)
-            continue
-        if id(t) not in index:
-            index[id(t)] = len(unique)
-            unique.append(t)
-        slots.append(index[id(t)])
+    # The gradient buffer mirrors the parameters' memory order: parameters laid out back to
+    # back (training.optim.flatten_parameters) get gradients laid out the same way, which the
+    # optimizer and the gradient clipping then treat as one tensor.
+    unique = sorted({id(t): t for t in tensors if t is not None}.values(),
+                    key=lambda t: t.data_ptr())
+    index = {id(t): i for i, t in enumerate(unique)}
+    slots = [-1 if t is None else index[id(t)] for t in tensors]
     spec = _TrainSpec(slots, unique, n_layer=len(layers), n_head=n_head, eps=eps,
                       activation=activation, shards=shards, pool=pool)
-    return _GPTCausalLMLoss.apply(spec, input_ids.contiguous(), labels.contiguous(), *unique)
+    input_ids, labels = input_ids.contiguous(), labels.contiguous()
+    if not torch.is_grad_enabled():  # evaluation: the forward pass alone
+        loss, ws, _ = _forward(spec, input_ids, labels, unique)
+        _give_back(pool, "workspace", ws)
+        return loss
+    return _GPTCausalLMLoss.apply(spec, input_ids, labels, *unique)

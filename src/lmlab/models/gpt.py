@@ -331,19 +331,20 @@ class GPT(nn.Module):
     # -- training support ----------------------------------------------------------------------
     def fused_lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """The summed next-token cross-entropy of `labels` given `input_ids` (both (B, T)),
-        computed with autograd by lmlab's C training step (lmlab/kernels/train_f32.c) — or None
-        where that step does not apply, and the caller takes logits from `forward`.
+        computed with autograd by lmlab's C training step (lmlab/kernels/train_f32.c) — without
+        grad mode (evaluation), by its forward pass alone — or None where that step does not
+        apply, and the caller takes logits from `forward`.
 
         A small model's eager step is mostly dispatch and badly split small products; the C
         step gives each thread whole sequences and single-threaded BLAS (nanoGPT's Shakespeare
-        recipe: ~20 instead of ~29 ms a step here). It applies to the stock architecture in
-        training on CPU in fp32 without dropout or autocast, with at least one sequence per
-        thread; the module path stays the reference it is tested against (gradients equal to
-        ~1e-6; the summation order differs, so the two are not bit-identical).
+        recipe: ~20 instead of ~29 ms a step here). It applies to the stock architecture on CPU
+        in fp32 without active dropout or autocast, with at least one sequence per thread; the
+        module path stays the reference it is tested against (gradients equal to ~1e-6; the
+        summation order differs, so the two are not bit-identical).
         """
         c = self.config
-        if not (self.training and torch.is_grad_enabled() and not _cpu_autocast()
-                and c.embd_dropout == c.resid_dropout == c.attn_dropout == 0.0
+        if not ((not self.training or c.embd_dropout == c.resid_dropout == c.attn_dropout == 0.0)
+                and not _cpu_autocast()
                 and input_ids.dim() == 2 and labels.shape == input_ids.shape
                 and input_ids.dtype == labels.dtype == torch.long
                 and input_ids.device.type == labels.device.type == "cpu"

@@ -28,7 +28,7 @@ from lmlab.errors import CheckpointError, ConfigError, LmlabError
 from lmlab.training import checkpoint as ckpt_io
 from lmlab.training.distributed import Distributed, rng_state, set_rng_state
 from lmlab.training.early_stopping import BestTracker, default_greater_is_better
-from lmlab.training.optim import build_optimizer
+from lmlab.training.optim import build_optimizer, clip_grad_norm_
 from lmlab.training.perf import matmul_peak_flops, peak_memory_mb
 from lmlab.training.runtime import autocast
 from lmlab.training.schedule import SCHEDULES, lr_at
@@ -168,9 +168,13 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.wrapped = self.dist.wrap(self.model, self.device)
         self.runnable = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
+        # One process: parameters (CPU) laid out in one buffer, so the optimizer and the
+        # clipping treat them, and the C step's gradients, as one tensor. DDP/FSDP manage their
+        # parameters' memory themselves.
         self.optimizer = build_optimizer(self.model, lr=self.cfg.lr,
                                          weight_decay=self.cfg.weight_decay,
-                                         betas=(self.cfg.beta1, self.cfg.beta2))
+                                         betas=(self.cfg.beta1, self.cfg.beta2),
+                                         flatten=not self.dist.active)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.tracker = BestTracker(self.cfg.metric, self.cfg.higher_is_better,
                                    patience=self.cfg.early_stopping_patience,
@@ -293,7 +297,7 @@ class _Trainer:
             loss_sum += summed.detach()
         mean_loss = self.dist.all_reduce_sum(loss_sum) / n_targets
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; the norm of the whole gradient
             grad_norm = grad_norm.full_tensor()
         if bool(torch.isfinite(mean_loss)) and bool(torch.isfinite(grad_norm)):
