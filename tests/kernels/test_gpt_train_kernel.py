@@ -152,6 +152,38 @@ def test_gpt_takes_the_fused_step_only_where_it_applies(monkeypatch):
     assert model.fused_lm_loss(ids, labels) is None
 
 
+def test_the_memoised_plan_notices_changes_to_the_model(monkeypatch):
+    """fused_lm_loss memoises what it reads from the module tree; every change that decides
+    the path must still be seen after a first fused call."""
+    one_thread_per_sequence(monkeypatch)
+    ids, labels = batch()
+
+    def replace_layer(model):
+        model.h[1].mlp.c_fc = torch.nn.Linear(model.h[1].mlp.c_fc.in_features,
+                                              model.h[1].mlp.c_fc.out_features)
+
+    def replace_parameter(model):
+        model.ln_f.weight = torch.nn.Parameter(model.ln_f.weight.detach().clone())
+
+    changes = {
+        "a replaced layer": (replace_layer, False),
+        # the plan is rebuilt; a module the block's forward does not call changes nothing
+        "an added submodule": (lambda m: m.h[0].add_module("extra", torch.nn.Identity()), True),
+        "a pre-hook": (lambda m: m.h[1].attn.register_forward_pre_hook(lambda *a: None), False),
+        "float64 parameters": (lambda m: m.double(), False),
+        "a replaced parameter (same shape)": (replace_parameter, True),
+    }
+    for name, (change, still_fused) in changes.items():
+        model = build(**CONFIGS["exact gelu, tied, biases"])
+        assert model.fused_lm_loss(ids, labels) is not None, name
+        change(model)
+        assert (model.fused_lm_loss(ids, labels) is not None) == still_fused, name
+        if still_fused:  # and it reads the new tensor
+            fused = model.fused_lm_loss(ids, labels)
+            reference = summed_cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1))
+            torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-4)
+
+
 def test_causal_lm_task_trains_a_plain_gpt_through_it(monkeypatch):
     one_thread_per_sequence(monkeypatch)
     model = build(**CONFIGS["tanh gelu, untied, no biases, odd widths"])

@@ -8,6 +8,7 @@ conversion in `models/hf.py` is a prefix plus a transpose list. The model only c
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -351,11 +352,10 @@ class GPT(nn.Module):
                 and kernels.training_available()):
             return None
         batch, T = input_ids.shape
-        n_params = sum(p.numel() for p in self.parameters())
-        shards = kernels.training_shards(batch, n_params)
+        plan = self._fused_training_plan()
+        shards = kernels.training_shards(batch, plan.n_params) if plan else 0
         attention = c.n_layer * batch * c.n_head * T * T
-        if (shards == 0 or T > c.n_positions or attention > kernels.TRAIN_MAX_ATTENTION_FLOATS
-                or not self._stock_architecture()):
+        if shards == 0 or T > c.n_positions or attention > kernels.TRAIN_MAX_ATTENTION_FLOATS:
             return None
         # Out-of-range ids would be read as addresses in C; forward raises the proper error.
         if (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size
@@ -363,10 +363,21 @@ class GPT(nn.Module):
             return None
         pool = self.__dict__.setdefault("_train_buffers", {})
         return kernels.gpt_causal_lm_loss(
-            [self._block_tensors(block) for block in self.h], wte=self.wte.weight,
-            wpe=self.wpe.weight, ln_f=(self.ln_f.weight, self.ln_f.bias),
-            head=self.lm_head.weight, n_head=c.n_head, eps=c.layer_norm_epsilon,
-            activation=c.activation, input_ids=input_ids, labels=labels, shards=shards, pool=pool)
+            plan.layers, wte=self.wte.weight, wpe=self.wpe.weight,
+            ln_f=(self.ln_f.weight, self.ln_f.bias), head=self.lm_head.weight, n_head=c.n_head,
+            eps=c.layer_norm_epsilon, activation=c.activation, input_ids=input_ids,
+            labels=labels, shards=shards, pool=pool)
+
+    def _fused_training_plan(self) -> _TrainingPlan | None:
+        """The per-block tensors and parameter count of the stock architecture (None if it is
+        not), memoised: walking the module tree through nn.Module attributes costs ~0.7 ms a
+        step (3% of the Shakespeare recipe's), checking that it has not changed ~0.05 ms."""
+        plan = self.__dict__.get("_training_plan")
+        if plan is not None and plan.tree.unchanged():
+            return plan
+        plan = _TrainingPlan(self) if self._stock_architecture() else None
+        self.__dict__["_training_plan"] = plan
+        return plan
 
     @staticmethod
     def _block_tensors(block: Block) -> tuple:
@@ -461,3 +472,36 @@ class GPTForSequenceClassification(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class _ModuleTree:
+    """A module tree's structure as plain references — every module's children, parameters
+    and hooks — to tell cheaply (dict lookups, no nn.Module.__getattr__) whether anything that
+    decides the fused path has changed since: a replaced or added layer or parameter, a hook,
+    a patched forward, parameters moved to another dtype, device or layout."""
+
+    def __init__(self, root: nn.Module):
+        self.modules = [(m, list(m._modules.values()), list(m._parameters.values()))
+                        for m in root.modules()]
+        self.parameters = [p for _, _, params in self.modules for p in params if p is not None]
+
+    def unchanged(self) -> bool:
+        if (torch.nn.modules.module._global_forward_hooks
+                or torch.nn.modules.module._global_forward_pre_hooks):
+            return False
+        for module, children, params in self.modules:
+            if (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                    or len(module._modules) != len(children)
+                    or len(module._parameters) != len(params)
+                    or not all(map(operator.is_, module._modules.values(), children))
+                    or not all(map(operator.is_, module._parameters.values(), params))):
+                return False
+        return all(p.is_cpu and p.dtype == torch.float32 and p.is_contiguous()
+                   for p in self.parameters)
+
+
+class _TrainingPlan:
+    def __init__(self, model: GPT):
+        self.tree = _ModuleTree(model)
+        self.layers = [model._block_tensors(block) for block in model.h]
+        self.n_params = sum(p.numel() for p in model.parameters())
