@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -191,23 +192,47 @@ def test_state_dicts_load_across_the_two_classes_and_the_flat_layout_returns(mon
         assert_same_parameters(ours, reference)
 
 
-def test_clip_grad_norm_equals_torch_on_flat_and_scattered_gradients():
-    for max_norm in (0.5, 1e9):  # clipping, and not
-        ours, reference = tiny_gpt(), tiny_gpt()
-        flatten_parameters(list(ours.parameters()))
-        set_gradients(ours, 0, flat=True)
-        set_gradients(reference, 0, flat=False)
-        grads = sorted((p.grad for p in ours.parameters()), key=torch.Tensor.data_ptr)
-        assert contiguous_span(grads) is not None
-        norm = clip_grad_norm_(list(ours.parameters()), max_norm)
+@pytest.mark.parametrize("max_norm", [0.5, 1e9, math.inf])  # clipping, and not
+def test_clipping_left_to_the_step_equals_torch_clip_then_step(max_norm):
+    ours, reference = tiny_gpt(), tiny_gpt()
+    optimizer = build_optimizer(ours, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
+    torch_optimizer = torch_adamw(reference)
+    for step in range(3):
+        set_gradients(ours, step, flat=True)
+        set_gradients(reference, step, flat=False)
+        norm = clip_grad_norm_(list(ours.parameters()), max_norm, optimizer)
         expected = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), max_norm)
         torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
-        for p, q in zip(ours.parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
-    scattered = tiny_gpt()
-    set_gradients(scattered, 0, flat=False)
-    before = torch.nn.utils.get_total_norm([p.grad for p in scattered.parameters()])
-    torch.testing.assert_close(clip_grad_norm_(list(scattered.parameters()), 0.5), before)
+        assert (optimizer._grad_scale is not None) == (float(expected) > max_norm)
+        optimizer.step()
+        torch_optimizer.step()
+        assert optimizer._grad_scale is None
+        for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_clipping_does_not_outlive_its_gradients():
+    model = tiny_gpt()
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
+    set_gradients(model, 0, flat=True)
+    clip_grad_norm_(list(model.parameters()), 1e-3, optimizer)
+    assert optimizer._grad_scale is not None
+    optimizer.zero_grad()  # e.g. a non-finite step that was skipped
+    assert optimizer._grad_scale is None
+
+
+def test_clip_grad_norm_is_torch_s_where_gradients_are_scattered():
+    for optimizer in (None, "flat"):
+        model, reference = tiny_gpt(), tiny_gpt()
+        if optimizer:
+            optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
+        set_gradients(model, 0, flat=False)  # e.g. the module path's gradients
+        set_gradients(reference, 0, flat=False)
+        norm = clip_grad_norm_(list(model.parameters()), 0.5, optimizer)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(
+            list(reference.parameters()), 0.5))
+        for p, q in zip(model.parameters(), reference.parameters()):  # scaled in place
+            torch.testing.assert_close(p.grad, q.grad)
 
 
 @pytest.mark.skipif(not kernels.training_available(), reason="the C training step is not built "

@@ -297,7 +297,7 @@ class _Trainer:
             loss_sum += summed.detach()
         mean_loss = self.dist.all_reduce_sum(loss_sum) / n_targets
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm_(self.params, max_norm)
+        grad_norm = clip_grad_norm_(self.params, max_norm, self.optimizer)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; the norm of the whole gradient
             grad_norm = grad_norm.full_tensor()
         if bool(torch.isfinite(mean_loss)) and bool(torch.isfinite(grad_norm)):
