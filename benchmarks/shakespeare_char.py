@@ -76,7 +76,7 @@ def run_nanogpt(checkout: Path, out: Path) -> tuple[float, float, float, float]:
                     if line.startswith("iter ") and "time " in line]
     whole = subprocess.run([sys.executable, "-c", WHOLE_SPLIT_LOSS, str(out / "ckpt.pt")],
                            cwd=checkout, check=True, capture_output=True, text=True)
-    iteration, loss = whole.stdout.split()
+    iteration, loss = whole.stdout.splitlines()[-1].split()  # model.py prints its size first
     if int(iteration) != 2000:  # train.py saves only when its estimate improves
         print(f"note: nanoGPT's checkpoint is from iteration {iteration}", flush=True)
     return (wall, float(last[-1].rsplit("val loss", 1)[1]), float(loss),
