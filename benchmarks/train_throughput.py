@@ -4,7 +4,8 @@ transformers.GPT2LMHeadModel.
 Same config (6 layers, 6 heads, width 384, context 256, vocab 8192), same weights, same batches
 (8 × 256), AdamW + gradient clipping, fp32, one process, steps alternated A/B/C. Each side uses
 its usual stack: transformers' model with torch's default AdamW (what the Trainer uses), lmlab's
-model with lmlab's task loss and optimizer (fused AdamW); "lmlab compiled" is the same with the
+model with lmlab's task loss, optimizer and clipping as the loop sets them up for one
+process (FlatAdamW: fused AdamW over the flat parameter layout); "lmlab compiled" is the same with the
 forward under `torch.compile` (what `compile: true` does in the loop). Reports tokens/s, the
 ratios, and model FLOPs utilisation against the matmul peak that training measures
 (lmlab.training.perf.matmul_peak_flops).
@@ -29,7 +30,7 @@ from common import alternate, machine, matmul_peak_gflops, median, update_sectio
 from lmlab.models.gpt import GPT, GPTConfig  # noqa: E402
 from lmlab.models.hf import gpt2_state_dict_from_hf  # noqa: E402
 from lmlab.tasks.causal_lm import CausalLMTask  # noqa: E402
-from lmlab.training.optim import build_optimizer  # noqa: E402
+from lmlab.training.optim import build_optimizer, clip_grad_norm_  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, n_positions=256, vocab_size=8192)
 BATCH, SEQ = 8, 256
@@ -49,9 +50,12 @@ def build_pair():
 
 
 def lmlab_step(model: GPT, batch: dict[str, torch.Tensor], *, compile: bool):
-    """One optimizer step of lmlab's stack on its own copy of the model."""
+    """One optimizer step of lmlab's stack on its own copy of the model, set up as the training
+    loop sets up a single process (the flat parameter layout, clipping through the optimizer)."""
     runnable = torch.compile(model) if compile else model
-    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999))
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999),
+                                flatten=True)
+    params = [p for p in model.parameters() if p.requires_grad]
     task = CausalLMTask(train_tokens=None, val_tokens=None, block_size=SEQ, batch_size=BATCH,
                         seed=0, device=torch.device("cpu"))
     n_targets = batch["labels"].numel()
@@ -59,7 +63,7 @@ def lmlab_step(model: GPT, batch: dict[str, torch.Tensor], *, compile: bool):
     def step():
         loss = task.loss(runnable, batch) / n_targets
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_grad_norm_(params, 1.0, optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
