@@ -306,6 +306,8 @@ def _take(pool: dict, kind: str, size: int) -> torch.Tensor:
 
 
 def _give_back(pool: dict, kind: str, buffer: torch.Tensor) -> None:
+    """Keep one buffer per kind, the largest seen (an evaluation batch's workspace serves the
+    smaller training batches after it: a step uses the front part it needs)."""
     if kind not in pool or pool[kind].numel() < buffer.numel():
         pool[kind] = buffer
 

@@ -7,8 +7,8 @@ has 50 tensors: ~1.4 ms for AdamW and ~1.1 ms for clipping in a ~24 ms step). Wh
 parameters lie back to back in one buffer (`flatten_parameters`), and so do their gradients
 (the C training step lays gradients out in the parameters' memory order) and the optimizer
 state, one call of the same fused kernel updates a whole group, and clipping is one norm whose
-scaling that kernel applies as it reads the gradients: ~0.7 + ~0.2 ms. `FlatAdamW` does that for a single process on the CPU; DDP, FSDP
-and GPUs keep torch.optim.AdamW.
+scaling that kernel applies as it reads the gradients: ~0.7 + ~0.2 ms. `FlatAdamW` does that
+for a single process on the CPU; DDP, FSDP and GPUs keep torch.optim.AdamW.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ class FlatAdamW:
         params = [p for g in self.param_groups for p in g["params"]]
         if len({id(p) for p in params}) != len(params):
             raise ValueError("FlatAdamW: a parameter appears more than once")
-        if any(p.device.type != "cpu" or p.dtype != params[0].dtype for p in params):
+        if any(p.device.type != "cpu" or not p.is_floating_point() or p.dtype != params[0].dtype
+               for p in params):
             raise ValueError("FlatAdamW: expected CPU parameters of one floating dtype")
         flatten_parameters(params)
         self.state: dict[Tensor, dict[str, Tensor]] = {}  # created on the first step, as torch
@@ -165,8 +166,8 @@ class FlatAdamW:
         self._buffers = []
         for group in self.param_groups:
             params = group["params"]
-            exp_avg = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype
-                                  if params else torch.float32)
+            dtype = params[0].dtype if params else torch.float32
+            exp_avg = torch.zeros(sum(p.numel() for p in params), dtype=dtype)
             exp_avg_sq = torch.zeros_like(exp_avg)
             steps = torch.zeros(len(params), dtype=torch.float32)  # torch's dtype for fused
             offset = 0
