@@ -171,6 +171,9 @@ def test_the_memoised_plan_notices_changes_to_the_model(monkeypatch):
         "an added submodule": (lambda m: m.h[0].add_module("extra", torch.nn.Identity()), True),
         "a pre-hook": (lambda m: m.h[1].attn.register_forward_pre_hook(lambda *a: None), False),
         "float64 parameters": (lambda m: m.double(), False),
+        # the config no longer matches the blocks' activation modules
+        "another activation in the config": (lambda m: setattr(m.config, "activation", "relu"),
+                                             False),
         "a replaced parameter (same shape)": (replace_parameter, True),
     }
     for name, (change, still_fused) in changes.items():

@@ -373,7 +373,7 @@ class GPT(nn.Module):
         not), memoised: walking the module tree through nn.Module attributes costs ~0.7 ms a
         step (3% of the Shakespeare recipe's), checking that it has not changed ~0.05 ms."""
         plan = self.__dict__.get("_training_plan")
-        if plan is not None and plan.tree.unchanged():
+        if plan is not None and plan.activation == self.config.activation and plan.tree.unchanged():
             return plan
         plan = _TrainingPlan(self) if self._stock_architecture() else None
         self.__dict__["_training_plan"] = plan
@@ -503,5 +503,6 @@ class _ModuleTree:
 class _TrainingPlan:
     def __init__(self, model: GPT):
         self.tree = _ModuleTree(model)
+        self.activation = model.config.activation  # what the C step computes, checked each call
         self.layers = [model._block_tensors(block) for block in model.h]
         self.n_params = sum(p.numel() for p in model.parameters())
