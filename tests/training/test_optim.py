@@ -38,6 +38,19 @@ def torch_adamw(model: GPT) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=1e-2, betas=BETAS, eps=1e-8, fused=True)
 
 
+def flat_and_torch():
+    """Two equal models: (ours, its FlatAdamW via build_optimizer, reference, torch's AdamW)."""
+    ours, reference = tiny_gpt(), tiny_gpt()
+    optimizer = build_optimizer(ours, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
+    return ours, optimizer, reference, torch_adamw(reference)
+
+
+def set_both_gradients(ours: GPT, reference: GPT, step: int) -> None:
+    """The same gradients: laid out back to back for ours (as the C step leaves them)."""
+    set_gradients(ours, step, flat=True)
+    set_gradients(reference, step, flat=False)
+
+
 def set_gradients(model: GPT, step: int, *, flat: bool) -> None:
     """The same pseudo-random gradients for every model built by tiny_gpt; laid out back to
     back in memory order (as the C step leaves them) when `flat`."""
@@ -128,13 +141,10 @@ def test_build_optimizer_groups_and_flattens_only_when_asked():
 
 
 def test_flat_adamw_equals_torch_adamw_with_one_kernel_call_per_group(monkeypatch):
-    ours, reference = tiny_gpt(), tiny_gpt()
-    optimizer = build_optimizer(ours, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
-    torch_optimizer = torch_adamw(reference)
+    ours, optimizer, reference, torch_optimizer = flat_and_torch()
     calls = count_kernel_calls(monkeypatch)
     for step in range(5):
-        set_gradients(ours, step, flat=True)
-        set_gradients(reference, step, flat=False)
+        set_both_gradients(ours, reference, step)
         calls[0] = 0
         optimizer.step()
         assert calls[0] == 2  # one tensor per group
@@ -147,9 +157,7 @@ def test_flat_adamw_equals_torch_adamw_with_one_kernel_call_per_group(monkeypatc
 
 
 def test_flat_adamw_falls_back_per_tensor_when_a_gradient_is_missing(monkeypatch):
-    ours, reference = tiny_gpt(), tiny_gpt()
-    optimizer = build_optimizer(ours, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
-    torch_optimizer = torch_adamw(reference)
+    ours, optimizer, reference, torch_optimizer = flat_and_torch()
     calls = count_kernel_calls(monkeypatch)
     for step in range(4):
         for model, flat in ((ours, True), (reference, False)):
@@ -168,12 +176,9 @@ def test_flat_adamw_falls_back_per_tensor_when_a_gradient_is_missing(monkeypatch
 
 
 def test_state_dicts_load_across_the_two_classes_and_the_flat_layout_returns(monkeypatch):
-    ours, reference = tiny_gpt(), tiny_gpt()
-    optimizer = build_optimizer(ours, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
-    torch_optimizer = torch_adamw(reference)
+    ours, optimizer, reference, torch_optimizer = flat_and_torch()
     for step in range(3):
-        set_gradients(ours, step, flat=True)
-        set_gradients(reference, step, flat=False)
+        set_both_gradients(ours, reference, step)
         optimizer.step()
         torch_optimizer.step()
     saved_ours = copy.deepcopy(optimizer.state_dict())
@@ -183,8 +188,7 @@ def test_state_dicts_load_across_the_two_classes_and_the_flat_layout_returns(mon
     torch_optimizer.load_state_dict(saved_ours)
     calls = count_kernel_calls(monkeypatch)
     for step in range(3, 6):
-        set_gradients(ours, step, flat=True)
-        set_gradients(reference, step, flat=False)
+        set_both_gradients(ours, reference, step)
         calls[0] = 0
         optimizer.step()
         assert calls[0] == 2  # the loaded state was laid out flat again
@@ -194,12 +198,9 @@ def test_state_dicts_load_across_the_two_classes_and_the_flat_layout_returns(mon
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e9, math.inf])  # clipping, and not
 def test_clipping_left_to_the_step_equals_torch_clip_then_step(max_norm):
-    ours, reference = tiny_gpt(), tiny_gpt()
-    optimizer = build_optimizer(ours, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
-    torch_optimizer = torch_adamw(reference)
+    ours, optimizer, reference, torch_optimizer = flat_and_torch()
     for step in range(3):
-        set_gradients(ours, step, flat=True)
-        set_gradients(reference, step, flat=False)
+        set_both_gradients(ours, reference, step)
         norm = clip_grad_norm_(list(ours.parameters()), max_norm, optimizer)
         expected = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), max_norm)
         torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)

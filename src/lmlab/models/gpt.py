@@ -326,8 +326,7 @@ class GPT(nn.Module):
                 return False
         return (type(self.ln_f) is nn.LayerNorm and type(self.lm_head) is Linear
                 and self.config.activation in kernels.GPT_ACTIVATIONS
-                and all(p.is_contiguous() and p.dtype == torch.float32 and p.device.type == "cpu"
-                        for p in self.parameters()))
+                and all(map(_fp32_cpu_contiguous, self.parameters())))
 
     # -- training support ----------------------------------------------------------------------
     def fused_lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
@@ -496,8 +495,7 @@ class _ModuleTree:
                     or not all(map(operator.is_, module._modules.values(), children))
                     or not all(map(operator.is_, module._parameters.values(), params))):
                 return False
-        return all(p.is_cpu and p.dtype == torch.float32 and p.is_contiguous()
-                   for p in self.parameters)
+        return all(map(_fp32_cpu_contiguous, self.parameters))
 
 
 class _TrainingPlan:
@@ -506,3 +504,8 @@ class _TrainingPlan:
         self.activation = model.config.activation  # what the C step computes, checked each call
         self.layers = [model._block_tensors(block) for block in model.h]
         self.n_params = sum(p.numel() for p in model.parameters())
+
+
+def _fp32_cpu_contiguous(p: torch.Tensor) -> bool:
+    """What the fused C steps read a parameter as."""
+    return p.is_cpu and p.dtype == torch.float32 and p.is_contiguous()

@@ -132,7 +132,7 @@ class FlatAdamW:
                  eps: float = 1e-8):
         self.param_groups = [{"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0.0,
                               **self._DEFAULTS, **g, "params": list(g["params"])} for g in groups]
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._parameters()
         if len({id(p) for p in params}) != len(params):
             raise ValueError("FlatAdamW: a parameter appears more than once")
         if any(p.device.type != "cpu" or not p.is_floating_point() or p.dtype != params[0].dtype
@@ -148,8 +148,8 @@ class FlatAdamW:
         """The joint 2-norm of the gradients, and clipping to `max_norm` (torch's coefficient,
         max_norm / (norm + 1e-6) when below 1) applied by the next `step()` as it reads them;
         None, and nothing done, when the gradients do not lie back to back."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        grads = sorted((p.grad for p in params if p.grad is not None), key=Tensor.data_ptr)
+        grads = sorted((p.grad for p in self._parameters() if p.grad is not None),
+                       key=Tensor.data_ptr)
         flat = contiguous_span(grads)
         if flat is None:
             return None
@@ -160,6 +160,10 @@ class FlatAdamW:
         self._grad_scale = (torch.tensor(1.0 / coefficient, dtype=torch.float32)
                             if math.isfinite(value) and coefficient < 1.0 else None)
         return norm
+
+    def _parameters(self) -> list[Tensor]:
+        """Every parameter, groups in order: torch's positions in a state dict."""
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _create_state(self) -> None:
         """Zero state, each kind one buffer per group that mirrors the parameters' layout."""
@@ -221,8 +225,7 @@ class FlatAdamW:
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.AdamW's layout: parameters by position, groups in order."""
-        position = {id(p): i for i, p in
-                    enumerate(p for g in self.param_groups for p in g["params"])}
+        position = {id(p): i for i, p in enumerate(self._parameters())}
         groups, first = [], 0
         for g in self.param_groups:
             groups.append({**{k: v for k, v in g.items() if k != "params"},
@@ -250,7 +253,7 @@ class FlatAdamW:
         if not state_dict["state"]:
             return
         self._create_state()  # a parameter without saved state starts from zero, as in torch
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._parameters()
         with torch.no_grad():
             for index, values in state_dict["state"].items():
                 for key, target in self.state[params[int(index)]].items():
