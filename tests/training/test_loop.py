@@ -191,14 +191,15 @@ def test_non_finite_step_is_skipped_and_repeated_ones_stop(tmp_path, caplog, whe
 def test_checkpoint_holds_model_weights_and_resumable_state(tmp_path):
     tokens = corpus()
     model = tiny_model()
-    train(model, make_task(tokens), loop_config(max_steps=10, save_every=10), run_dir=tmp_path,
-          device=torch.device("cpu"))
+    train(model, make_task(tokens), loop_config(max_steps=10, save_every=10, adam_eps=1e-6),
+          run_dir=tmp_path, device=torch.device("cpu"))
     ckpt = latest_valid(tmp_path)
     weights = load_file(ckpt.path / "model.safetensors")
     assert torch.equal(weights["wte.weight"], model.wte.weight.detach())
     state = torch.load(ckpt.path / "state.pt", weights_only=True)
     assert state["step"] == 10 and state["max_steps"] == 10
     assert len(state["optimizer"]["state"]) == len(list(model.parameters()))
+    assert [g["eps"] for g in state["optimizer"]["param_groups"]] == [1e-6, 1e-6]
 
 
 def test_schedule_warmup_cosine_floor():

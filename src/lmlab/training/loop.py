@@ -54,6 +54,7 @@ class LoopConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
+    adam_eps: float = 1e-8  # AdamW's epsilon: the floor under each element's RMS gradient
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still computed, to catch NaN)
     eval_every: int = 0  # 0 = evaluate only before training and at the end
     save_every: int = 0  # 0 = checkpoint only at the end
@@ -174,6 +175,7 @@ class _Trainer:
         self.optimizer = build_optimizer(self.model, lr=self.cfg.lr,
                                          weight_decay=self.cfg.weight_decay,
                                          betas=(self.cfg.beta1, self.cfg.beta2),
+                                         eps=self.cfg.adam_eps,
                                          flatten=not self.dist.active)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.tracker = BestTracker(self.cfg.metric, self.cfg.higher_is_better,

@@ -67,6 +67,7 @@ class PretrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
+    adam_eps: float = 1e-8  # BERT's recipe used 1e-6
     grad_clip: float = 1.0
     # -- evaluation, checkpoints, logging
     eval_every: int = 250
@@ -124,8 +125,8 @@ class PretrainConfig:
         return LoopConfig(
             max_steps=self.max_steps, lr=self.lr, min_lr=self.min_lr,
             warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, beta1=self.beta1,
-            beta2=self.beta2, grad_clip=self.grad_clip, eval_every=self.eval_every,
-            save_every=self.save_every, keep_last=self.keep_last, log_every=self.log_every,
+            beta2=self.beta2, adam_eps=self.adam_eps, grad_clip=self.grad_clip,
+            eval_every=self.eval_every, save_every=self.save_every, keep_last=self.keep_last, log_every=self.log_every,
             max_minutes=self.max_minutes, max_bad_steps=self.max_bad_steps,
             tensorboard=self.tensorboard, progress=progress, lr_schedule=self.lr_schedule,
             early_stopping_patience=self.early_stopping_patience,
