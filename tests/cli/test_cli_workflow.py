@@ -192,3 +192,28 @@ def test_char_level_preset_on_raw_text(capsys, tmp_path):
     assert set(text.read_text()) <= set(vocab)  # one token per character of the text
     assert (run / "data" / "meta.json").is_file()  # raw text was prepared on the fly
     assert max(r["step"] for r in read_metrics(run)) == 3
+
+
+def test_resume_on_raw_text_refuses_other_data_settings(capsys, tmp_path):
+    """RUN_DIR/data, prepared from raw text by the first run, is what a resumed run trains on:
+    a setting that would have shaped it differently is an error, not silently ignored."""
+    text = tmp_path / "tiny.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further.\n\nAll:\nSpeak, speak.\n\n" * 20)
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", REPO / "configs/pretrain/shakespeare_char.yaml", "--data",
+            text, "--out", run, "--eval_every", "0", "--n_layer", "1", "--n_head", "2",
+            "--n_embd", "16", "--block_size", "16", "--batch_size", "4", "--eval_tokens", "256",
+            "--tensorboard", "false", "--no-progress"]
+    code, _, err = run_cli(capsys, *args, "--max_steps", "2")
+    assert code == 0, err
+    saved = (run / "train_config.yaml").read_text()
+    for change, key in [(["--doc_separator", r"\n\n"], "doc_separator"),
+                        (["--val_fraction", "0.2"], "val_fraction"),
+                        (["--tokenizer", "bpe"], "tokenizer")]:
+        code, _, err = run_cli(capsys, *args, "--max_steps", "3", "--resume", *change)
+        assert code == 2, err
+        assert err.count("\n") == 1 and f"error: {key}: " in err and "--out" in err
+        assert (run / "train_config.yaml").read_text() == saved  # the run is untouched
+    code, _, err = run_cli(capsys, *args, "--max_steps", "3", "--resume")
+    assert code == 0, err
+    assert max(r["step"] for r in read_metrics(run)) == 3

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from lmlab.config import dump_yaml
+from lmlab.config import dump_yaml, read_yaml
 from lmlab.data.dataset import META_FILE, TokenDataset
 from lmlab.data.prepare import build_tokenizer, prepare_dataset
 from lmlab.errors import ConfigError, DataError
@@ -148,7 +148,9 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
         directory = Path(cfg.data)
     else:
         directory = run_dir / "data"
-        if not (directory / META_FILE).is_file():
+        if (directory / META_FILE).is_file():
+            _check_same_data_settings(cfg, run_dir)
+        else:
             sources = [cfg.data]
             tokenizer = (Tokenizer.from_pretrained(cfg.init_from) if cfg.init_from is not None
                          else build_tokenizer(cfg.tokenizer, sources, vocab_size=cfg.vocab_size))
@@ -157,6 +159,26 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
     dataset = TokenDataset.open(directory)
     tokenizer = Tokenizer.from_pretrained(directory)
     return dataset, tokenizer
+
+
+# What shapes RUN_DIR/data when raw text is prepared on the fly. A resumed run reuses that
+# dataset, so a different value would be silently ignored: it is an error instead.
+_DATA_SETTINGS = ("data", "tokenizer", "vocab_size", "val_fraction", "doc_separator", "init_from")
+
+
+def _check_same_data_settings(cfg: PretrainConfig, run_dir: Path) -> None:
+    saved = run_dir / "train_config.yaml"  # the previous run's (pretrain rewrites it after this)
+    if not saved.is_file():
+        return
+    before = read_yaml(saved)
+    for key in _DATA_SETTINGS:
+        old, new = before.get(key), getattr(cfg, key)
+        same = (Path(old).resolve() == Path(new).resolve() if key == "data" and old and new
+                else old == new)
+        if not same:
+            raise ConfigError(
+                f"{key}: {run_dir / 'data'} was prepared with {key} {old!r}, this run gives "
+                f"{new!r}; resume with the run's data settings, or start a new --out")
 
 
 def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> torch.nn.Module:
@@ -258,8 +280,8 @@ def pretrain(cfg: PretrainConfig, *, run_dir: str | Path, resume: bool = False,
     try:
         if dist.is_main:
             _check_run_dir(run_dir, resume=resume)
-            atomic_write_bytes(run_dir / "train_config.yaml", dump_yaml(cfg).encode())
             dataset, tokenizer = load_or_prepare_data(cfg, run_dir)  # prepares raw text once
+            atomic_write_bytes(run_dir / "train_config.yaml", dump_yaml(cfg).encode())
         dist.barrier()
         if not dist.is_main:
             dataset, tokenizer = load_or_prepare_data(cfg, run_dir)
