@@ -13,9 +13,9 @@ from lmlab.tasks.causal_lm import CausalLMTask
 from lmlab.tasks.losses import summed_cross_entropy
 from lmlab.training.runtime import checkpoint_blocks
 
-pytestmark = pytest.mark.skipif(not kernels.training_available(),
-                                reason=f"no CPU training kernel here: {kernels.unavailable_reason()}"
-                                       " or no BLAS sgemm in torch")
+pytestmark = pytest.mark.skipif(
+    not kernels.training_available(),
+    reason=f"no CPU training kernel here: {kernels.unavailable_reason()} or no BLAS sgemm in torch")
 
 CONFIGS = {
     "exact gelu, tied, biases": dict(n_embd=32, n_head=4, activation="gelu"),
@@ -42,13 +42,14 @@ def batch(rows: int = 5, length: int = T):
             torch.randint(0, VOCAB, (rows, length), generator=generator))
 
 
-def fused_loss(model: GPT, ids, labels, shards: int):
+def fused_loss(model: GPT, ids, labels, shards: int, pool: dict | None = None):
+    """The C step on `model`'s tensors; steps given one `pool` share its pooled buffers."""
     return kernels.gpt_causal_lm_loss(
         [model._block_tensors(b) for b in model.h], wte=model.wte.weight, wpe=model.wpe.weight,
         ln_f=(model.ln_f.weight, model.ln_f.bias), head=model.lm_head.weight,
         n_head=model.config.n_head, eps=model.config.layer_norm_epsilon,
         activation=model.config.activation, input_ids=ids, labels=labels, shards=shards,
-        pool={})
+        pool={} if pool is None else pool)
 
 
 def gradients(model, loss, scale=0.37):
@@ -85,11 +86,7 @@ def test_numbers_depend_on_the_shards_only_never_on_threads_or_reused_buffers():
     try:
         for n in (1, 2, 1):
             torch.set_num_threads(n)
-            loss = kernels.gpt_causal_lm_loss(
-                [model._block_tensors(b) for b in model.h], wte=model.wte.weight,
-                wpe=model.wpe.weight, ln_f=(model.ln_f.weight, model.ln_f.bias),
-                head=model.lm_head.weight, n_head=4, eps=1e-5, activation="gelu",
-                input_ids=ids, labels=labels, shards=2, pool=pool)
+            loss = fused_loss(model, ids, labels, 2, pool)
             runs.append((loss.detach(), gradients(model, loss)))
     finally:
         torch.set_num_threads(threads)
@@ -105,11 +102,7 @@ def test_overlapping_steps_each_get_their_own_buffers():
     expected = gradients(model, fused_loss(model, ids_a, labels_a, 2) * 0.5
                          + fused_loss(model, ids_b, labels_b, 2))
     pool: dict = {}
-    losses = [kernels.gpt_causal_lm_loss(
-        [model._block_tensors(b) for b in model.h], wte=model.wte.weight, wpe=model.wpe.weight,
-        ln_f=(model.ln_f.weight, model.ln_f.bias), head=model.lm_head.weight, n_head=5,
-        eps=1e-5, activation="relu", input_ids=i, labels=y, shards=2, pool=pool)
-        for i, y in ((ids_a, labels_a), (ids_b, labels_b))]
+    losses = [fused_loss(model, i, y, 2, pool) for i, y in ((ids_a, labels_a), (ids_b, labels_b))]
     got = gradients(model, losses[0] * 0.5 + losses[1])
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
@@ -125,6 +118,15 @@ def test_a_second_backward_is_refused():
 
 def one_thread_per_sequence(monkeypatch, threads=2):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+
+
+def count_fused_calls(monkeypatch) -> list[int]:
+    """A list that gets an item for each call of the C step (which still runs)."""
+    calls = []
+    real = kernels.gpt_causal_lm_loss
+    monkeypatch.setattr(kernels, "gpt_causal_lm_loss",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
 
 
 def test_gpt_takes_the_fused_step_only_where_it_applies(monkeypatch):
@@ -193,9 +195,7 @@ def test_causal_lm_task_trains_a_plain_gpt_through_it(monkeypatch):
     task = CausalLMTask(train_tokens=None, val_tokens=None, block_size=T, batch_size=4, seed=0,
                         device=torch.device("cpu"))
     ids, labels = batch(rows=4)
-    calls = []
-    real = kernels.gpt_causal_lm_loss
-    monkeypatch.setattr(kernels, "gpt_causal_lm_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_fused_calls(monkeypatch)
     loss = task.loss(model, {"input_ids": ids, "labels": labels})
     assert calls == [1]
     reference = summed_cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1))
@@ -231,14 +231,13 @@ def test_causal_lm_task_evaluates_a_plain_gpt_through_it(monkeypatch):
     tokens = np.random.default_rng(0).integers(0, VOCAB, 20 * T + 1).astype(np.uint16)
     task = CausalLMTask(train_tokens=tokens, val_tokens=tokens, block_size=T, batch_size=4,
                         seed=0, device=torch.device("cpu"), eval_batch_size=6)
-    calls = []
-    real = kernels.gpt_causal_lm_loss
-    monkeypatch.setattr(kernels, "gpt_causal_lm_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_fused_calls(monkeypatch)
     model.eval()
     fused = task.evaluate(model, final=True)
     assert len(calls) == 4  # 20 windows in batches of 6, the last of 2
     with torch.no_grad():
         x = torch.from_numpy(tokens[:-1].astype(np.int64)).view(20, T)
         y = torch.from_numpy(tokens[1:].astype(np.int64)).view(20, T)
-        expected = float(summed_cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))) / y.numel()
+        summed = summed_cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+        expected = float(summed) / y.numel()
     assert fused["val_loss"] == pytest.approx(expected, rel=1e-5)
