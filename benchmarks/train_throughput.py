@@ -5,8 +5,8 @@ Same config (6 layers, 6 heads, width 384, context 256, vocab 8192), same weight
 (8 × 256), AdamW + gradient clipping, fp32, one process, steps alternated A/B/C. Each side uses
 its usual stack: transformers' model with torch's default AdamW (what the Trainer uses), lmlab's
 model with lmlab's task loss, optimizer and clipping as the loop sets them up for one
-process (FlatAdamW: fused AdamW over the flat parameter layout); "lmlab compiled" is the same with the
-forward under `torch.compile` (what `compile: true` does in the loop). Reports tokens/s, the
+process (FlatAdamW: fused AdamW over the flat parameter layout); "lmlab compiled" is the same
+with the forward under `torch.compile` (what `compile: true` does in the loop). Reports tokens/s, the
 ratios, and model FLOPs utilisation against the matmul peak that training measures
 (lmlab.training.perf.matmul_peak_flops).
 

@@ -1,5 +1,6 @@
 """Helpers of the `torchrun --nproc_per_node=2` tests (gloo, CPU): launch a 2-rank `lmlab
-pretrain`, and compare its run with one process's — losses within 1e-5, weights within rounding."""
+pretrain`, and compare its run with one process's — losses within 1e-5, weights within
+rounding."""
 
 from __future__ import annotations
 

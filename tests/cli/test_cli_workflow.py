@@ -198,7 +198,7 @@ def test_resume_on_raw_text_refuses_other_data_settings(capsys, tmp_path):
     """RUN_DIR/data, prepared from raw text by the first run, is what a resumed run trains on:
     a setting that would have shaped it differently is an error, not silently ignored."""
     text = tmp_path / "tiny.txt"
-    text.write_text("First Citizen:\nBefore we proceed any further.\n\nAll:\nSpeak, speak.\n\n" * 20)
+    text.write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n\n" * 20)
     run = tmp_path / "run"
     args = ["pretrain", "--config", REPO / "configs/pretrain/shakespeare_char.yaml", "--data",
             text, "--out", run, "--eval_every", "0", "--n_layer", "1", "--n_head", "2",

@@ -398,8 +398,9 @@ def gpt_causal_lm_loss(layers, *, wte: torch.Tensor, wpe: torch.Tensor,
     """Summed next-token cross-entropy of a GPT-2-style model (fp32 CPU, no dropout) on
     `input_ids` (batch, T) against `labels` (batch, T), with autograd: its backward fills every
     parameter's gradient in one C call (without grad mode, the forward pass alone). `layers` as
-    for GPTDecoder; `head` may be `wte` (tied). The caller checks eligibility (`training_available`, `training_shards`, stock architecture,
-    ids and labels in range, positions within wpe). `pool` (a dict the caller keeps, e.g. per
+    for GPTDecoder; `head` may be `wte` (tied). The caller checks eligibility
+    (`training_available`, `training_shards`, stock architecture, ids and labels in range,
+    positions within wpe). `pool` (a dict the caller keeps, e.g. per
     model) holds the step's large buffers between steps; a buffer is taken out while a step
     uses it, so overlapping steps each get their own."""
     tensors = [t for layer in layers for t in layer] + [wte, wpe, *ln_f, head]
