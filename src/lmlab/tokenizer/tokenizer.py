@@ -4,7 +4,9 @@ The `tokenizers` library does the real work (training, encoding, the `tokenizer.
 this module only picks GPT-2's byte-level BPE settings or BERT's WordPiece pipeline (see
 `wordpiece.py`), builds a char-level vocabulary for char-LM experiments, reads and writes the
 Hugging Face files, and turns the library's bare exceptions into `lmlab.errors` that name the
-input at fault. Text pairs for encoders are encoded by `encoding.py`.
+input at fault. Text pairs for encoders are encoded by `encoding.py`. (Over 600 lines since
+tokenizer_config.json round-trips every key and chat template: that file handling is the part
+to move to its own module.)
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ _CHAR_SPLIT = {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "I
 _CHAR_TABLE_MIN_CHARS = 4096
 # transformers writes this VERY_LARGE_INTEGER to mean "no known maximum length".
 _NO_MAX_LENGTH = int(1e30)
+# tokenizer_config.json keys written from the Tokenizer's state; every other key read from the
+# file is kept in `extra_config` and written back as it was, so that nothing is silently dropped.
+_MANAGED_KEYS = {f"{role}_token" for role in _ROLES} | {
+    "tokenizer_class", "model_max_length", "chat_template"}
+# Where transformers 5 writes chat templates; these files take priority over the config's key.
+_CHAT_TEMPLATE_FILE, _CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"
 
 
 class _SpecialToken:
@@ -58,8 +66,9 @@ class _SpecialToken:
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus its special tokens (bos/eos/pad/unk, and BERT's
-    cls/sep/mask) and optional `model_max_length`."""
+    """A `tokenizers.Tokenizer` plus its special tokens (bos/eos/pad/unk, BERT's cls/sep/mask
+    and any additional ones), optional `model_max_length` and `chat_template`, and the other
+    tokenizer_config.json keys it was loaded with (`extra_config`, written back unchanged)."""
 
     bos_token, bos_token_id = _SpecialToken("bos"), _SpecialToken("bos", as_id=True)
     eos_token, eos_token_id = _SpecialToken("eos"), _SpecialToken("eos", as_id=True)
@@ -73,14 +82,42 @@ class Tokenizer:
                  eos_token: str | None = None, pad_token: str | None = None,
                  unk_token: str | None = None, cls_token: str | None = None,
                  sep_token: str | None = None, mask_token: str | None = None,
-                 model_max_length: int | None = None) -> None:
+                 model_max_length: int | None = None,
+                 additional_special_tokens: Sequence[str] = (),
+                 chat_template: str | list[dict[str, str]] | None = None,
+                 extra_config: dict[str, Any] | None = None) -> None:
         self._backend = backend
         self._special = {"bos": bos_token, "eos": eos_token, "pad": pad_token, "unk": unk_token,
                          "cls": cls_token, "sep": sep_token, "mask": mask_token}
         for role, token in self._special.items():
             if token is not None and backend.token_to_id(token) is None:
                 raise ConfigError(f"{role}_token {token!r} is not in the vocabulary")
+        self._additional = tuple(additional_special_tokens)
+        for token in self._additional:
+            if backend.token_to_id(token) is None:
+                raise ConfigError(f"additional special token {token!r} is not in the vocabulary")
+        # transformers 5 calls them extra_special_tokens; from_pretrained keeps the file's name.
+        self._additional_key = "additional_special_tokens"
         self.model_max_length = model_max_length
+        self.chat_template = chat_template
+        self.extra_config = dict(extra_config or {})
+
+    @property
+    def chat_template(self) -> str | list[dict[str, str]] | None:
+        """The Jinja chat template (transformers' `tokenizer.chat_template`), or transformers'
+        named templates `[{"name": ..., "template": ...}]`; saved in tokenizer_config.json."""
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, value: str | list[dict[str, str]] | None) -> None:
+        if not _is_chat_template(value):
+            raise ConfigError("chat_template must be a Jinja string, a list of {'name': ...,"
+                              f" 'template': ...}} objects or None, got {value!r:.80}")
+        self._chat_template = value
+
+    @property
+    def additional_special_tokens(self) -> list[str]:
+        return list(self._additional)
 
     @classmethod
     def train_bpe(cls, files: Sequence[str | Path] | None = None, *,
@@ -192,7 +229,7 @@ class Tokenizer:
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Load a tokenizer.json file, or a directory with tokenizer.json (else GPT-2's vocab.json
         + merges.txt, else BERT's vocab.txt) and optionally tokenizer_config.json /
-        special_tokens_map.json."""
+        special_tokens_map.json / chat_template.jinja."""
         path = Path(path)
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or directory; expected a tokenizer"
@@ -205,33 +242,50 @@ class Tokenizer:
         # transformers overrides them per call, and so do we: encode() returns the text's tokens.
         backend.no_truncation()
         backend.no_padding()
-        roles = _read_roles({**_read_json(directory / "special_tokens_map.json"), **config},
-                            backend, directory)
+        named = {**_read_json(directory / "special_tokens_map.json"), **config}
+        roles = _read_roles(named, backend, directory)
+        where = directory / "tokenizer_config.json"
+        key, additional = _read_additional(named, where)
         # As transformers does, make the named tokens special: matched whole in the input text.
         added = {t.content for t in backend.get_added_tokens_decoder().values()}
-        missing = sorted({t for t in roles.values() if t is not None} - added)
+        missing = sorted(({t for t in roles.values() if t is not None} | set(additional)) - added)
         backend.add_special_tokens([_special(t) for t in missing])
+        managed = _MANAGED_KEYS | ({key} if additional else set())
+        extra = {k: v for k, v in config.items() if k not in managed}
         max_length = config.get("model_max_length")
         if max_length is not None and (not isinstance(max_length, (int, float)) or max_length < 1):
-            raise CheckpointError(f"{directory / 'tokenizer_config.json'}: model_max_length must"
-                                  f" be a positive int, got {max_length!r}")
-        if max_length is not None:
-            max_length = None if max_length >= _NO_MAX_LENGTH else int(max_length)
-        return cls(backend, **roles, model_max_length=max_length)
+            raise CheckpointError(f"{where}: model_max_length must be a positive int, got"
+                                  f" {max_length!r}")
+        if max_length is not None and max_length >= _NO_MAX_LENGTH:
+            extra["model_max_length"] = max_length  # "no known maximum": written back as read
+            max_length = None
+        tokenizer = cls(backend, **roles, additional_special_tokens=additional,
+                        model_max_length=None if max_length is None else int(max_length),
+                        chat_template=_read_chat_template(directory, config), extra_config=extra)
+        tokenizer._additional_key = key
+        return tokenizer
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json, loadable by
-        transformers' AutoTokenizer; each file is written atomically."""
+        transformers' AutoTokenizer; each file is written atomically. tokenizer_config.json holds
+        `extra_config` with the keys lmlab manages rewritten from this tokenizer."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         special = {f"{role}_token": token for role, token in self._special.items()
                    if token is not None or role not in _ENCODER_ROLES}
-        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-                                  # transformers must not "clean up" spaces before punctuation.
-                                  "clean_up_tokenization_spaces": False}
+        # Unless the loaded file said otherwise, transformers must not "clean up" spaces before
+        # punctuation: lmlab's decode does not.
+        config: dict[str, Any] = {"clean_up_tokenization_spaces": False, **self.extra_config,
+                                  "tokenizer_class": "PreTrainedTokenizerFast", **special}
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
         present = {key: token for key, token in special.items() if token is not None}
+        if self._additional:
+            config[self._additional_key] = self.additional_special_tokens
+            present["additional_special_tokens"] = self.additional_special_tokens
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        _remove_chat_template_files(directory)
         if self.kind == "wordpiece":
             # BERT's files: vocab.txt (the vocabulary older tools read) and the normalizer
             # options transformers' BertTokenizer needs to rebuild the same pipeline from it.
@@ -527,6 +581,53 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def _read_additional(config: dict[str, Any], where: Path) -> tuple[str, list[str]]:
+    """(the key, the tokens) of additional_special_tokens, which transformers 5 names
+    extra_special_tokens (a dict there names model-specific tokens: an extra key, kept as is)."""
+    key = "additional_special_tokens"
+    if key not in config and isinstance(config.get("extra_special_tokens"), list):
+        key = "extra_special_tokens"
+    value = config.get(key) or []
+    tokens = [t.get("content") if isinstance(t, dict) else t for t in value] \
+        if isinstance(value, list) else [None]
+    if not all(isinstance(t, str) and t for t in tokens):
+        raise CheckpointError(f"{where}: {key} must be a list of strings or {{'content': ...}}"
+                              f" objects, got {value!r:.80}")
+    return key, tokens
+
+
+def _is_chat_template(value: Any) -> bool:
+    return value is None or isinstance(value, str) or (
+        isinstance(value, list) and bool(value) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str)
+            and isinstance(t.get("template"), str) for t in value))
+
+
+def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | list | None:
+    """The config's chat_template, unless transformers 5's template files are there: as in
+    transformers, they take priority, and several become its [{"name", "template"}] list."""
+    paths = {"default": directory / _CHAT_TEMPLATE_FILE,
+             **{p.stem: p for p in sorted((directory / _CHAT_TEMPLATE_DIR).glob("*.jinja"))}}
+    found = {name: _read_text(path) for name, path in paths.items() if path.is_file()}
+    if found:
+        return found["default"] if list(found) == ["default"] else [
+            {"name": name, "template": template} for name, template in found.items()]
+    template = config.get("chat_template")
+    if not _is_chat_template(template):
+        raise CheckpointError(f"{directory / 'tokenizer_config.json'}: chat_template must be a"
+                              " string or a list of {'name': ..., 'template': ...} objects, got"
+                              f" {template!r:.80}")
+    return template
+
+
+def _remove_chat_template_files(directory: Path) -> None:
+    # transformers 5 would read a stale chat_template.jinja instead of tokenizer_config.json's
+    # chat_template: the directory must describe this tokenizer alone.
+    stale = [directory / _CHAT_TEMPLATE_FILE, *(directory / _CHAT_TEMPLATE_DIR).glob("*.jinja")]
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 def _read_roles(config: dict[str, Any], backend: Backend,
