@@ -25,6 +25,7 @@ from common import (  # noqa: E402
     alternate, machine, matmul_peak_gflops, median, memory_bandwidth_gbs, update_section,
 )
 
+import lmlab
 from lmlab.models.gpt import GPT, GPTConfig  # noqa: E402
 from lmlab.models.hf import gpt2_state_dict_from_hf  # noqa: E402
 
@@ -69,7 +70,7 @@ def bench_shape(name, shape, rounds):
                                **({} if knobs.get("do_sample") else {"do_sample": False}))
 
         def run_ours():
-            return ours.generate(ids, eos_token_id=[], pad_token_id=0, **common, **knobs)
+            return lmlab.generate(ours, ids, eos_token_id=[], pad_token_id=0, **common, **knobs)
 
         if not knobs.get("do_sample"):
             with torch.inference_mode():
@@ -94,8 +95,8 @@ def bench_speculative(shape, rounds, draft_layers: int = 2, k: int = 4):
     draft.load_state_dict(state)
     ids = torch.randint(0, shape["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(2))
     stats: dict = {}
-    plain = lambda: target.generate(ids, max_new_tokens=NEW, eos_token_id=[])
-    spec = lambda: target.generate(ids, max_new_tokens=NEW, eos_token_id=[], draft_model=draft,
+    plain = lambda: lmlab.generate(target, ids, max_new_tokens=NEW, eos_token_id=[])
+    spec = lambda: lmlab.generate(target, ids, max_new_tokens=NEW, eos_token_id=[], draft_model=draft,
                                    num_draft_tokens=k, stats=stats)
     assert torch.equal(plain(), spec()), "speculative greedy must equal plain greedy"
     times = alternate({"plain": plain, "speculative": spec}, rounds=rounds, warmup=1)

@@ -9,8 +9,9 @@ from typing import NamedTuple
 import pytest
 import torch
 
+import lmlab
 from lmlab.generation import GenerationConfig
-from lmlab.generation.beam import beam_search
+from lmlab.generation.generate import beam_search
 from lmlab.models import from_pretrained
 
 from conftest import build_hf_gpt2  # tests/ is on sys.path (rootdir conftest, no __init__)
@@ -43,7 +44,7 @@ def models(tmp_path_factory):
             directory = tmp_path_factory.mktemp(f"beam_{name}")
             hf.save_pretrained(directory)
             ours = from_pretrained(directory)
-            free = ours.generate(prompts(name), max_new_tokens=NEW, num_beams=4,
+            free = lmlab.generate(ours, prompts(name), max_new_tokens=NEW, num_beams=4,
                                  num_return_sequences=4, eos_token_id=[], pad_token_id=PAD)
             early = free[:, PROMPT_LEN: PROMPT_LEN + NEW // 2].flatten().tolist()
             pool = sorted(set(early) - {PAD}, key=lambda t: (-early.count(t), t))
@@ -138,7 +139,7 @@ def test_beam_search_matches_transformers(models, case):
     knobs = dict(case["knobs"])
     if "max_length" not in knobs:
         knobs.setdefault("max_new_tokens", NEW)
-    run = lambda **k: ours.generate(ids, attention_mask=mask, eos_token_id=eos, pad_token_id=PAD, **k)
+    run = lambda **k: lmlab.generate(ours, ids, attention_mask=mask, eos_token_id=eos, pad_token_id=PAD, **k)
     if "needs" in case:
         without = run(**{k: v for k, v in knobs.items() if k not in case["needs"]})
         if knobs.get("bad_words_ids") == BAD_WORDS:
@@ -162,7 +163,7 @@ def test_matrix_exercises_eos_padding_and_early_stop(models):
     """The EOS pool does what the matrix needs: with it, some returned hypotheses end in EOS
     before others (so padding shows), and search can stop before the budget."""
     _, ours, pool = models("b")
-    got = ours.generate(prompts("b"), max_new_tokens=NEW, num_beams=4, num_return_sequences=4,
+    got = lmlab.generate(ours, prompts("b"), max_new_tokens=NEW, num_beams=4, num_return_sequences=4,
                         eos_token_id=pool[:2], pad_token_id=PAD, early_stopping=True)
     new = got[:, PROMPT_LEN:]
     ended = torch.isin(new, torch.tensor(pool[:2])).any(dim=1)
@@ -175,7 +176,7 @@ def test_length_penalty_and_early_stopping_change_the_result(models):
     """The matrix would pass vacuously if these knobs did nothing on the tiny model."""
     _, ours, pool = models("b")
     ids, eos = prompts("b"), pool[:2]
-    run = lambda **k: ours.generate(ids, max_new_tokens=NEW, num_beams=4, eos_token_id=eos,
+    run = lambda **k: lmlab.generate(ours, ids, max_new_tokens=NEW, num_beams=4, eos_token_id=eos,
                                     pad_token_id=PAD, **k)
     assert not torch.equal(run(length_penalty=0.5), run(length_penalty=2.0))
     assert run(early_stopping=True).shape[1] < run(early_stopping="never").shape[1]
@@ -188,7 +189,7 @@ def test_pad_token_zero_pads_with_zero(models):
     ids, eos = prompts("b"), pool[:2]
     knobs = dict(max_new_tokens=NEW, num_beams=4, num_return_sequences=4, eos_token_id=eos,
                  early_stopping=True)
-    got = ours.generate(ids, pad_token_id=0, **knobs)
+    got = lmlab.generate(ours, ids, pad_token_id=0, **knobs)
     expected = hf_generate(hf, ids, torch.ones_like(ids), pad_token_id=PAD, **knobs)
     padding = expected == PAD
     padding[:, :PROMPT_LEN] = False
@@ -203,10 +204,10 @@ def test_each_row_of_a_padded_batch_matches_the_prompt_alone(models, early_stopp
     ids, mask = left_padded(prompts("b"))
     knobs = dict(max_new_tokens=NEW, num_beams=4, num_return_sequences=2, eos_token_id=pool[:2],
                  pad_token_id=PAD, early_stopping=early_stopping)
-    batched = ours.generate(ids, attention_mask=mask, **knobs)
+    batched = lmlab.generate(ours, ids, attention_mask=mask, **knobs)
     for row in range(ids.shape[0]):
         prompt = ids[row][mask[row].bool()][None]
-        alone = ours.generate(prompt, **knobs)
+        alone = lmlab.generate(ours, prompt, **knobs)
         mine = batched[2 * row: 2 * row + 2, PROMPT_LEN:]
         new = alone[:, prompt.shape[1]:]
         assert torch.equal(mine[:, : new.shape[1]], new)
@@ -217,7 +218,7 @@ def test_tutorial_call(models):
     """The call from Hugging Face's "how to generate" blog post."""
     hf, ours, _ = models("b")
     ids = prompts("b", batch=1)
-    got = ours.generate(ids, max_length=50, num_beams=5, no_repeat_ngram_size=2, early_stopping=True)
+    got = lmlab.generate(ours, ids, max_length=50, num_beams=5, no_repeat_ngram_size=2, early_stopping=True)
     assert got.shape[0] == 1 and PROMPT_LEN < got.shape[1] <= 50
     assert torch.equal(got[:, :PROMPT_LEN], ids)
     expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_length=50, num_beams=5,
@@ -235,13 +236,13 @@ def test_beam_sampling_matches_transformers_under_manual_seed(models, knobs):
     common = dict(max_new_tokens=NEW, num_beams=4, num_return_sequences=2, do_sample=True,
                   eos_token_id=pool[:2], pad_token_id=PAD, **knobs)
     torch.manual_seed(5)
-    got = ours.generate(ids, attention_mask=mask, **common)
+    got = lmlab.generate(ours, ids, attention_mask=mask, **common)
     torch.manual_seed(5)
     # transformers samples with top_k=50 unless told otherwise (0 turns it off); lmlab does not.
     expected = hf.generate(ids, attention_mask=mask, **{"top_k": 0, **common})
     assert torch.equal(got, expected)
     greedy = {k: v for k, v in common.items() if k not in ("do_sample", *knobs)}
-    assert not torch.equal(got, ours.generate(ids, attention_mask=mask, **greedy))
+    assert not torch.equal(got, lmlab.generate(ours, ids, attention_mask=mask, **greedy))
 
 
 def test_seeded_beam_sampling_is_reproducible_and_batch_invariant(models):
@@ -249,10 +250,10 @@ def test_seeded_beam_sampling_is_reproducible_and_batch_invariant(models):
     ids = prompts("b")
     knobs = dict(max_new_tokens=NEW, num_beams=4, do_sample=True, eos_token_id=pool[:2],
                  pad_token_id=PAD, early_stopping=True)
-    a = ours.generate(ids, seed=3, **knobs)
-    assert torch.equal(a, ours.generate(ids, seed=3, **knobs))
-    assert not torch.equal(a, ours.generate(ids, seed=4, **knobs))
-    alone = ours.generate(ids[:1], seed=3, **knobs)
+    a = lmlab.generate(ours, ids, seed=3, **knobs)
+    assert torch.equal(a, lmlab.generate(ours, ids, seed=3, **knobs))
+    assert not torch.equal(a, lmlab.generate(ours, ids, seed=4, **knobs))
+    alone = lmlab.generate(ours, ids[:1], seed=3, **knobs)
     assert torch.equal(a[:1, : alone.shape[1]], alone)
     assert torch.all(a[:1, alone.shape[1]:] == PAD)
 
@@ -261,7 +262,7 @@ def test_seeded_beam_sampling_is_reproducible_and_batch_invariant(models):
 def test_zero_new_tokens_returns_each_prompt_num_return_sequences_times(models):
     _, ours, _ = models("s")
     ids = prompts("s")
-    got = ours.generate(ids, max_new_tokens=0, num_beams=3, num_return_sequences=2)
+    got = lmlab.generate(ours, ids, max_new_tokens=0, num_beams=3, num_return_sequences=2)
     assert torch.equal(got, ids.repeat_interleave(2, dim=0))
 
 

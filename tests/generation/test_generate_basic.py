@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import lmlab
 from lmlab.generation import GenerationConfig, generate, generate_tokens
 from lmlab.generation.processors import TemperatureWarper, TopKWarper, TopPWarper
 from lmlab.models import GPT, GPTConfig, from_pretrained
@@ -58,11 +59,11 @@ def test_eos_ids_and_padding_match_transformers(tiny_gpt2, name, all_rows):
     hf, directory = tiny_gpt2(name)
     ours = from_pretrained(directory)
     ids = prompts(hf.config.vocab_size)
-    free = ours.generate(ids, max_new_tokens=NEW, eos_token_id=[])
+    free = lmlab.generate(ours, ids, max_new_tokens=NEW, eos_token_id=[])
     eos = pick_eos(free[:, PROMPT_LEN:], all_rows=all_rows)
     pad = next(t for t in range(hf.config.vocab_size - 1, 0, -1) if t not in eos)
 
-    got = ours.generate(ids, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=pad)
+    got = lmlab.generate(ours, ids, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=pad)
     expected = hf_generate(hf, ids, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=pad)
     assert got.shape == expected.shape
     assert torch.equal(got, expected)
@@ -85,9 +86,9 @@ def test_single_eos_without_pad_pads_with_eos_like_transformers(tiny_gpt2):
     hf, directory = tiny_gpt2("b")
     ours = from_pretrained(directory)
     ids = prompts(hf.config.vocab_size)
-    free = ours.generate(ids, max_new_tokens=NEW, eos_token_id=[])
+    free = lmlab.generate(ours, ids, max_new_tokens=NEW, eos_token_id=[])
     eos = pick_eos(free[:, PROMPT_LEN:], all_rows=False)[0]
-    got = ours.generate(ids, max_new_tokens=NEW, eos_token_id=eos)
+    got = lmlab.generate(ours, ids, max_new_tokens=NEW, eos_token_id=eos)
     expected = hf_generate(hf, ids, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=None)
     assert torch.equal(got, expected)
 
@@ -98,14 +99,14 @@ def test_default_eos_comes_from_config_json(tiny_gpt2, tmp_path):
     hf, directory = tiny_gpt2("b")
     ours = from_pretrained(directory)
     ids = prompts(hf.config.vocab_size)
-    free = ours.generate(ids, max_new_tokens=NEW, eos_token_id=[])
+    free = lmlab.generate(ours, ids, max_new_tokens=NEW, eos_token_id=[])
     eos = pick_eos(free[:, PROMPT_LEN:], all_rows=False)[0]
     config = json.loads((directory / "config.json").read_text())
     config.update(eos_token_id=eos, pad_token_id=0)
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
 
-    got = from_pretrained(tmp_path).generate(ids, max_new_tokens=NEW)
+    got = lmlab.generate(from_pretrained(tmp_path), ids, max_new_tokens=NEW)
     hf2 = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     expected = hf_generate(hf2, ids, max_new_tokens=NEW)
     assert torch.equal(got, expected)
@@ -118,7 +119,7 @@ def test_max_length_counts_the_prompt_like_transformers(tiny_gpt2, max_length):
     hf, directory = tiny_gpt2("c")
     ours = from_pretrained(directory)
     ids = prompts(hf.config.vocab_size)
-    got = ours.generate(ids, max_length=max_length, eos_token_id=[])
+    got = lmlab.generate(ours, ids, max_length=max_length, eos_token_id=[])
     expected = hf_generate(hf, ids, max_length=max_length, pad_token_id=0)
     assert got.shape == (4, max_length)
     assert torch.equal(got, expected)
@@ -128,7 +129,7 @@ def test_max_new_tokens_takes_precedence_over_max_length(tiny_gpt2):
     hf, directory = tiny_gpt2("c")
     ours = from_pretrained(directory)
     ids = prompts(hf.config.vocab_size)
-    got = ours.generate(ids, max_new_tokens=3, max_length=PROMPT_LEN + 9, eos_token_id=[])
+    got = lmlab.generate(ours, ids, max_new_tokens=3, max_length=PROMPT_LEN + 9, eos_token_id=[])
     expected = hf_generate(hf, ids, max_new_tokens=3, max_length=PROMPT_LEN + 9, pad_token_id=0)
     assert got.shape == (4, PROMPT_LEN + 3)
     assert torch.equal(got, expected)
@@ -138,7 +139,7 @@ def test_max_length_shorter_than_prompt_is_an_error(tiny_gpt2):
     _, directory = tiny_gpt2("c")
     ours = from_pretrained(directory)
     with pytest.raises(ValueError, match="max_length"):
-        ours.generate(prompts(77), max_length=PROMPT_LEN - 2)
+        lmlab.generate(ours, prompts(77), max_length=PROMPT_LEN - 2)
 
 
 # -- sampling warpers --------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def model():
 
 def sample(model, ids, **kwargs):
     kwargs.setdefault("max_new_tokens", 12)
-    return model.generate(ids, do_sample=True, eos_token_id=[], **kwargs)
+    return lmlab.generate(model, ids, do_sample=True, eos_token_id=[], **kwargs)
 
 
 def test_seeded_sampling_is_reproducible(model):
@@ -221,8 +222,8 @@ def test_seeded_sampling_is_reproducible(model):
     a = sample(model, ids, seed=1)
     assert torch.equal(a, sample(model, ids, seed=1))
     assert not torch.equal(a, sample(model, ids, seed=2))
-    assert not torch.equal(a, model.generate(ids, max_new_tokens=12, eos_token_id=[]))
-    assert torch.equal(sample(model, ids, seed=3, top_k=1), model.generate(ids, max_new_tokens=12, eos_token_id=[]))
+    assert not torch.equal(a, lmlab.generate(model, ids, max_new_tokens=12, eos_token_id=[]))
+    assert torch.equal(sample(model, ids, seed=3, top_k=1), lmlab.generate(model, ids, max_new_tokens=12, eos_token_id=[]))
 
 
 def test_sampling_follows_the_warped_distribution(model):
@@ -268,11 +269,11 @@ def test_unseeded_sampling_respects_torch_manual_seed(model):
 )
 def test_invalid_arguments_are_errors(model, kwargs, error, match):
     with pytest.raises(error, match=match):
-        model.generate(prompts(64, batch=2), **kwargs)
+        lmlab.generate(model, prompts(64, batch=2), **kwargs)
 
 
 def test_full_context_window_is_allowed(model):
-    out = model.generate(prompts(64, batch=2), max_new_tokens=27, eos_token_id=[])
+    out = lmlab.generate(model, prompts(64, batch=2), max_new_tokens=27, eos_token_id=[])
     assert out.shape == (2, 32)
 
 
@@ -286,7 +287,7 @@ def test_generate_tokens_streams_what_generate_returns(tiny_gpt2, settings):
     hf, directory = tiny_gpt2("b")
     ours = from_pretrained(directory)
     ids = prompts(hf.config.vocab_size)
-    free = ours.generate(ids, max_new_tokens=NEW, eos_token_id=[], **settings)
+    free = lmlab.generate(ours, ids, max_new_tokens=NEW, eos_token_id=[], **settings)
     eos = pick_eos(free[:, PROMPT_LEN:], all_rows=True)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # one left-padded row

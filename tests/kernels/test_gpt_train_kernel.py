@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from lmlab import kernels
+from lmlab.kernels import training
+from lmlab.kernels.gpt import block_tensors
 from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.tasks.causal_lm import CausalLMTask
 from lmlab.tasks.losses import summed_cross_entropy
@@ -44,8 +46,8 @@ def batch(rows: int = 5, length: int = T):
 
 def fused_loss(model: GPT, ids, labels, shards: int, pool: dict | None = None):
     """The C step on `model`'s tensors; steps given one `pool` share its pooled buffers."""
-    return kernels.gpt_causal_lm_loss(
-        [model._block_tensors(b) for b in model.h], wte=model.wte.weight, wpe=model.wpe.weight,
+    return training.gpt_causal_lm_loss(
+        [block_tensors(b) for b in model.h], wte=model.wte.weight, wpe=model.wpe.weight,
         ln_f=(model.ln_f.weight, model.ln_f.bias), head=model.lm_head.weight,
         n_head=model.config.n_head, eps=model.config.layer_norm_epsilon,
         activation=model.config.activation, input_ids=ids, labels=labels, shards=shards,
@@ -123,8 +125,8 @@ def one_thread_per_sequence(monkeypatch, threads=2):
 def count_fused_calls(monkeypatch) -> list[int]:
     """A list that gets an item for each call of the C step (which still runs)."""
     calls = []
-    real = kernels.gpt_causal_lm_loss
-    monkeypatch.setattr(kernels, "gpt_causal_lm_loss",
+    real = training.gpt_causal_lm_loss
+    monkeypatch.setattr(training, "gpt_causal_lm_loss",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
@@ -132,43 +134,53 @@ def count_fused_calls(monkeypatch) -> list[int]:
 def test_gpt_takes_the_fused_step_only_where_it_applies(monkeypatch):
     one_thread_per_sequence(monkeypatch)
     model = build(**CONFIGS["exact gelu, tied, biases"])
+    fused = kernels.training_loss_adapter(model)
     ids, labels = batch()
-    assert model.fused_lm_loss(ids, labels) is not None
-    assert model.fused_lm_loss(ids[:1], labels[:1]) is None  # fewer sequences than threads
+    assert fused(ids, labels) is not None
+    assert fused(ids[:1], labels[:1]) is None  # fewer sequences than threads
     bad = labels.clone()
     bad[0, 0] = VOCAB
-    assert model.fused_lm_loss(ids, bad) is None  # forward's path reports bad ids itself
+    assert fused(ids, bad) is None  # forward's path reports bad ids itself
     model.eval()  # dropout is off either way: the same step
-    assert model.fused_lm_loss(ids, labels) is not None
+    assert fused(ids, labels) is not None
     model.train()
     handle = model.h[0].register_forward_hook(lambda *args: None)
-    assert model.fused_lm_loss(ids, labels) is None
+    assert fused(ids, labels) is None
     handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.fused_lm_loss(ids, labels) is None
+        assert fused(ids, labels) is None
     dropout = build(**CONFIGS["exact gelu, tied, biases"], resid_dropout=0.1)
-    assert dropout.fused_lm_loss(ids, labels) is None
+    fused_dropout = kernels.training_loss_adapter(dropout)
+    assert fused_dropout(ids, labels) is None
     dropout.eval()  # inactive in evaluation
-    assert dropout.fused_lm_loss(ids, labels) is not None
+    assert fused_dropout(ids, labels) is not None
     checkpoint_blocks(model)
-    assert model.fused_lm_loss(ids, labels) is None
+    assert fused(ids, labels) is None
+    assert kernels.training_loss_adapter(torch.nn.Linear(2, 2)) is None  # not a GPT
+    monkeypatch.setenv("LMLAB_CPU_KERNELS", "0")
+    assert kernels.training_loss_adapter(model) is None  # switched off
 
 
 def test_the_memoised_plan_notices_changes_to_the_model(monkeypatch):
-    """fused_lm_loss memoises what it reads from the module tree; every change that decides
+    """The fused loss memoises what it reads from the module tree; every change that decides
     the path must still be seen after a first fused call."""
     one_thread_per_sequence(monkeypatch)
     ids, labels = batch()
 
-    def replace_layer(model):
-        model.h[1].mlp.c_fc = torch.nn.Linear(model.h[1].mlp.c_fc.in_features,
-                                              model.h[1].mlp.c_fc.out_features)
+    class Adapted(torch.nn.Linear):  # e.g. a LoRA layer: another computation
+        pass
+
+    def replace_layer(model, cls=Adapted):
+        model.h[1].mlp.c_fc = cls(model.h[1].mlp.c_fc.in_features,
+                                  model.h[1].mlp.c_fc.out_features)
 
     def replace_parameter(model):
         model.ln_f.weight = torch.nn.Parameter(model.ln_f.weight.detach().clone())
 
     changes = {
         "a replaced layer": (replace_layer, False),
+        # the same computation on new weights: the plan is rebuilt and reads them
+        "a fresh plain layer": (lambda m: replace_layer(m, torch.nn.Linear), True),
         # the plan is rebuilt; a module the block's forward does not call changes nothing
         "an added submodule": (lambda m: m.h[0].add_module("extra", torch.nn.Identity()), True),
         "a pre-hook": (lambda m: m.h[1].attn.register_forward_pre_hook(lambda *a: None), False),
@@ -180,11 +192,12 @@ def test_the_memoised_plan_notices_changes_to_the_model(monkeypatch):
     }
     for name, (change, still_fused) in changes.items():
         model = build(**CONFIGS["exact gelu, tied, biases"])
-        assert model.fused_lm_loss(ids, labels) is not None, name
+        fused_loss_of = kernels.FusedCausalLMLoss(model)
+        assert fused_loss_of(ids, labels) is not None, name
         change(model)
-        assert (model.fused_lm_loss(ids, labels) is not None) == still_fused, name
+        assert (fused_loss_of(ids, labels) is not None) == still_fused, name
         if still_fused:  # and it reads the new tensor
-            fused = model.fused_lm_loss(ids, labels)
+            fused = fused_loss_of(ids, labels)
             reference = summed_cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1))
             torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-4)
 
@@ -193,7 +206,7 @@ def test_causal_lm_task_trains_a_plain_gpt_through_it(monkeypatch):
     one_thread_per_sequence(monkeypatch)
     model = build(**CONFIGS["tanh gelu, untied, no biases, odd widths"])
     task = CausalLMTask(train_tokens=None, val_tokens=None, block_size=T, batch_size=4, seed=0,
-                        device=torch.device("cpu"))
+                        device=torch.device("cpu"), fast_loss=kernels.FusedCausalLMLoss(model))
     ids, labels = batch(rows=4)
     calls = count_fused_calls(monkeypatch)
     loss = task.loss(model, {"input_ids": ids, "labels": labels})
@@ -210,16 +223,17 @@ def test_without_grad_mode_the_forward_pass_alone_gives_the_loss(monkeypatch, mo
     ids, labels = batch()
     with torch.no_grad():
         reference = summed_cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1))
-    pool = model.__dict__.setdefault("_train_buffers", {})
+    fused = kernels.FusedCausalLMLoss(model)
+    pool = fused._pool
     for _ in range(2):  # the second call reuses the pooled workspace
         with getattr(torch, mode)():
-            loss = model.fused_lm_loss(ids, labels)
+            loss = fused(ids, labels)
         assert loss is not None and loss.grad_fn is None
         torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-4)
     assert list(pool) == ["workspace"]
     # a smaller batch takes the larger pooled buffer; training afterwards still matches
     model.train()
-    small = model.fused_lm_loss(ids[:2], labels[:2])
+    small = fused(ids[:2], labels[:2])
     assert pool == {}  # taken while the step is in flight
     small.backward()
     assert set(pool) == {"workspace", "scratch"}
@@ -230,7 +244,8 @@ def test_causal_lm_task_evaluates_a_plain_gpt_through_it(monkeypatch):
     model = build(**CONFIGS["exact gelu, tied, biases"])
     tokens = np.random.default_rng(0).integers(0, VOCAB, 20 * T + 1).astype(np.uint16)
     task = CausalLMTask(train_tokens=tokens, val_tokens=tokens, block_size=T, batch_size=4,
-                        seed=0, device=torch.device("cpu"), eval_batch_size=6)
+                        seed=0, device=torch.device("cpu"), eval_batch_size=6,
+                        fast_loss=kernels.FusedCausalLMLoss(model))
     calls = count_fused_calls(monkeypatch)
     model.eval()
     fused = task.evaluate(model, final=True)

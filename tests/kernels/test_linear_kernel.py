@@ -1,4 +1,5 @@
-"""lmlab's CPU decoding kernel: same products as F.linear, batch-invariant, and a clean fallback."""
+"""The decoding kernels' blocked product: the same products as F.linear for 1 to 70 rows,
+batch-invariant bit for bit, on every instruction set the CPU has; and a clean fallback."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab import kernels
-from lmlab.models.gpt import GPT, GPTConfig
-from lmlab.models.layers import packed_inference
+from lmlab.kernels import build
 
 BUILDABLE = (sys.platform.startswith("linux") and platform.machine() == "x86_64"
              and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -37,7 +37,7 @@ def test_equals_torch_linear(out_features, in_features, with_bias):
     torch.manual_seed(out_features * 1000 + in_features)
     weight = torch.randn(out_features, in_features)
     bias = torch.randn(out_features) if with_bias else None
-    for rows in range(1, kernels.MAX_ROWS + 1):
+    for rows in (*range(1, 10), 16, 31, 64, 70):
         x = torch.randn(rows, in_features)
         torch.testing.assert_close(kernels.linear(x, weight, bias), F.linear(x, weight, bias),
                                    atol=1e-5 * in_features ** 0.5, rtol=1e-5)
@@ -47,7 +47,7 @@ def test_equals_torch_linear(out_features, in_features, with_bias):
 def test_a_row_is_the_same_alone_in_any_batch_and_any_thread_count():
     torch.manual_seed(0)
     weight, bias = torch.randn(257, 200), torch.randn(257)
-    batch = torch.randn(kernels.MAX_ROWS, 200)
+    batch = torch.randn(70, 200)  # more rows than any tile, an odd number of them
     together = kernels.linear(batch, weight, bias)
     threads = torch.get_num_threads()
     try:
@@ -74,43 +74,35 @@ def test_non_contiguous_inputs_and_shape_mismatch():
 
 
 @needs_kernel
-def test_decoding_uses_the_kernel_for_few_rows_only(monkeypatch):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
-    calls = []
-    real = kernels.linear
-    monkeypatch.setattr(kernels, "linear", lambda x, w, b: calls.append(len(x)) or real(x, w, b))
-    ids = torch.randint(0, 50, (2, 12))  # prefill: 24 rows (oneDNN / BLAS), then 2 rows per step
-    with torch.no_grad():
-        model(ids)
-        assert calls == []  # outside decoding: plain F.linear
-        with packed_inference(model):
-            logits = model(ids[:, :1])
-    assert calls == [2] * 9  # 2 layers × 4 products + the head
-    with torch.no_grad():
-        torch.testing.assert_close(logits, model(ids[:, :1]), atol=1e-5, rtol=1e-5)
-    generated = model.generate(ids, max_new_tokens=4, eos_token_id=[])
-    # The prefill's 24 rows did not come here, only its head on the last positions (2 rows);
-    # the decode steps themselves are one fused call each (test_gpt_decode_kernel.py).
-    assert calls[9:] == [2]
-    with torch.no_grad():  # greedy under plain F.linear picks the same tokens
-        expected = model(generated[:, :-1])[:, ids.shape[1] - 1:].argmax(-1)
-    assert torch.equal(generated[:, ids.shape[1]:], expected)
+def test_every_instruction_set_the_cpu_has_computes_the_same_products():
+    """The library is built per instruction set and picked at load time; each build must be
+    right on its own (the CPU of CI may be either kind)."""
+    torch.manual_seed(3)
+    weight, bias, x = torch.randn(67, 150), torch.randn(67), torch.randn(9, 150)
+    isas = ["avx2"] + (["avx512"] if build.cpu_isa() == "avx512" else [])
+    for isa in isas:
+        functions, reason = build._build(isa)
+        assert functions is not None, reason
+        y = torch.empty(9, 67)
+        functions["linear"](x.data_ptr(), 9, 150, weight.data_ptr(), 67, bias.data_ptr(),
+                            y.data_ptr(), torch.get_num_threads())
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias),
+                                   atol=1e-4, rtol=1e-5, msg=isa)
 
 
 def test_switched_off_or_unbuildable_means_unavailable_with_a_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("LMLAB_CPU_KERNELS", "0")
-    function, reason = kernels._build()
-    assert function is None and reason == "LMLAB_CPU_KERNELS=0"
+    assert not kernels.available() and kernels.unavailable_reason() == "LMLAB_CPU_KERNELS=0"
     if not BUILDABLE:
         return
     monkeypatch.delenv("LMLAB_CPU_KERNELS")
     monkeypatch.setenv("LMLAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    function, reason = kernels._build()
+    function, reason = build._build("avx2")
     assert function is None and "could not build the kernels" in reason
     assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left behind
     monkeypatch.delenv("CC")
-    function, reason = kernels._build()  # a real compiler, a fresh cache folder
+    function, reason = build._build("avx2")  # a real compiler, a fresh cache folder
     assert function is not None and reason is None
+    assert [p.name.split("-")[1] for p in (tmp_path / "kernels").iterdir()] == ["avx2"]
     assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]

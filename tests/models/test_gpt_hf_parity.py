@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import lmlab
 from lmlab.errors import CheckpointError
 from lmlab.models import GPT, GPTConfig, from_pretrained
 
@@ -85,7 +86,7 @@ def test_greedy_tokens_match_transformers(tiny_gpt2, name):
                         generator=torch.Generator().manual_seed(3))
     # Always hand HF the mask: with pad_token_id=0 it would otherwise infer padding from id 0.
     expected = hf_greedy(hf, ids, torch.ones_like(ids), new_tokens)
-    got = ours.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+    got = lmlab.generate(ours, ids, max_new_tokens=new_tokens, eos_token_id=[])
     assert expected.shape == (3, prompt_len + new_tokens)
     assert torch.equal(got, expected)
 
@@ -97,10 +98,10 @@ def test_left_padded_greedy_matches_transformers(tiny_gpt2, name):
     ids, mask = left_padded(3, 6, hf.config.vocab_size, [0, 2, 4], seed=4)
     new_tokens = min(20, hf.config.n_positions - 6)
     expected = hf_greedy(hf, ids, mask, new_tokens)
-    got = ours.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=[])
+    got = lmlab.generate(ours, ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=[])
     assert torch.equal(got, expected)
     # The padded row continues exactly as its unpadded prompt would on its own.
-    alone = ours.generate(ids[2:, 4:], max_new_tokens=new_tokens, eos_token_id=[])
+    alone = lmlab.generate(ours, ids[2:, 4:], max_new_tokens=new_tokens, eos_token_id=[])
     assert torch.equal(got[2, 6:], alone[0, 2:])
 
 
@@ -179,8 +180,8 @@ def test_bias_free_gpt_saves_as_gpt2_with_zero_biases(tmp_path):
     with torch.no_grad():
         assert_close(hf.eval()(ids).logits, ours(ids), **TOL)
         assert_close(back(ids), ours(ids), atol=0, rtol=0)
-        assert torch.equal(back.generate(ids[:, :8], max_new_tokens=8, eos_token_id=[]),
-                           ours.generate(ids[:, :8], max_new_tokens=8, eos_token_id=[]))
+        assert torch.equal(lmlab.generate(back, ids[:, :8], max_new_tokens=8, eos_token_id=[]),
+                           lmlab.generate(ours, ids[:, :8], max_new_tokens=8, eos_token_id=[]))
 
 
 # -- unsupported checkpoints -------------------------------------------------------------------
@@ -273,41 +274,28 @@ def test_kv_cache_with_left_padding_matches_full_forward(tiny_gpt2):
     assert_close(torch.cat(out, dim=1)[real], full[real], **TOL)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("pads", [None, [0, 2, 7]], ids=["no-padding", "left-padded"])
-def test_decode_step_equals_forward_bit_for_bit(tiny_gpt2, pads, packed):
-    """GPT.decode_step (decoding's lean path) computes forward's numbers exactly. Inside
-    decoding on CPU both run lmlab's fused C kernel, still bit for bit; that kernel against the
-    module path is tests/kernels/test_gpt_decode_kernel.py."""
-    from lmlab.models.layers import packed_inference
-
+def test_cache_rows_of_different_lengths_continue_like_the_full_forward(tiny_gpt2):
+    """Each row of a cache has its own length: rows filled to 5, 3 and 8 tokens (one of them
+    left-padded) and then continued together, by one and by two tokens, see what the full
+    forward pass of each row sees."""
     _, directory = tiny_gpt2("c")
     model = from_pretrained(directory)
-    ids, mask = left_padded(3, 12, model.config.vocab_size, pads or [0, 0, 0], seed=9)
-    mask = None if pads is None else torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1)
-    with torch.inference_mode(), packed_inference(model) if packed else torch.inference_mode():
-        caches = model.new_cache(3, 16), model.new_cache(3, 16)
-        for cache in caches:
-            model(ids, cache=cache, attention_mask=None if mask is None else mask[:, :12])
-        # Both steps start from the same bits: the packed path's second prefill runs on oneDNN's
-        # prepacked weights, the first on BLAS, which may round differently (MKL's AVX2 kernels).
-        for copy, first in zip(caches[1].keys + caches[1].values,
-                               caches[0].keys + caches[0].values):
-            copy.copy_(first)
-        token = ids[:, -1:]
-        for length in range(13, 17):
-            step_mask = None if mask is None else mask[:, :length]
-            full = model(token, cache=caches[0], attention_mask=step_mask)[:, -1]
-            lean = model.decode_step(token, caches[1], step_mask)
-            assert torch.equal(full, lean), length
-            token = full.argmax(-1, keepdim=True)
-        assert caches[0].length == caches[1].length == 16
-        for written, expected in zip(caches[1].keys + caches[1].values, caches[0].keys + caches[0].values):
-            assert torch.equal(written, expected)
-    with torch.no_grad(), pytest.raises(ValueError, match="n_positions"):
-        cache = model.new_cache(1, model.config.n_positions + 1)
-        cache.advance(model.config.n_positions)
-        model.decode_step(token[:1], cache)
+    ids, mask = left_padded(3, 12, model.config.vocab_size, [0, 0, 2], seed=9)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache = model.new_cache(3, 16)
+        for row, n in enumerate([5, 3, 8]):
+            model(ids[row:row + 1, :n], cache=cache.rows(row, row + 1),
+                  attention_mask=mask[row:row + 1, :n])
+        assert cache.lengths == [5, 3, 8]
+        starts = torch.tensor([5, 3, 8])
+        one = model(ids[torch.arange(3), starts][:, None], cache=cache)
+        two = model(torch.stack([ids[r, s + 1:s + 3] for r, s in enumerate(starts.tolist())]),
+                    cache=cache)
+    assert cache.lengths == [8, 6, 11]
+    for row, s in enumerate(starts.tolist()):
+        assert_close(one[row, 0], full[row, s], **TOL)
+        assert_close(two[row], full[row, s + 1:s + 3], **TOL)
 
 
 # -- initialisation and limits -----------------------------------------------------------------

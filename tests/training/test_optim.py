@@ -13,13 +13,8 @@ import lmlab
 from lmlab import kernels
 from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.training.checkpoint import unique_state_dict
-from lmlab.training.optim import (
-    FlatAdamW,
-    build_optimizer,
-    clip_grad_norm_,
-    contiguous_span,
-    flatten_parameters,
-)
+from lmlab.kernels.flat_adamw import FlatAdamW, contiguous_span, flatten_parameters
+from lmlab.training.optim import build_optimizer, clip_grad_norm_
 
 BETAS = (0.9, 0.99)
 
@@ -32,7 +27,7 @@ def tiny_gpt(seed: int = 0, **overrides) -> GPT:
 
 def torch_adamw(model: GPT) -> torch.optim.AdamW:
     """torch's fused AdamW with build_optimizer's groups, on separately allocated tensors."""
-    reference = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=BETAS)
+    reference = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=BETAS, speed_layer=False)
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
               for g in reference.param_groups]
     return torch.optim.AdamW(groups, lr=1e-2, betas=BETAS, eps=1e-8, fused=True)
@@ -41,7 +36,7 @@ def torch_adamw(model: GPT) -> torch.optim.AdamW:
 def flat_and_torch():
     """Two equal models: (ours, its FlatAdamW via build_optimizer, reference, torch's AdamW)."""
     ours, reference = tiny_gpt(), tiny_gpt()
-    optimizer = build_optimizer(ours, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
+    optimizer = build_optimizer(ours, lr=1e-2, weight_decay=0.1, betas=BETAS)
     return ours, optimizer, reference, torch_adamw(reference)
 
 
@@ -125,14 +120,21 @@ def test_contiguous_span_needs_order_one_storage_and_no_gaps():
     assert contiguous_span([]) is None
 
 
-def test_build_optimizer_groups_and_flattens_only_when_asked():
+def test_build_optimizer_groups_and_flattens_only_where_the_speed_layer_applies(monkeypatch):
     model = tiny_gpt()
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=BETAS)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=BETAS, speed_layer=False)
+    assert type(optimizer) is torch.optim.AdamW
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert contiguous_span(decay["params"]) is None  # separately allocated
-    flat = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=BETAS, flatten=True)
+    assert type(build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=BETAS,
+                                distributed=True)) is torch.optim.AdamW  # DDP/FSDP own the memory
+    monkeypatch.setenv("LMLAB_CPU_KERNELS", "0")
+    assert type(build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=BETAS)) is torch.optim.AdamW
+    monkeypatch.delenv("LMLAB_CPU_KERNELS")
+    assert contiguous_span(decay["params"]) is None  # nothing was re-laid so far
+    flat = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=BETAS)  # one CPU process
     assert isinstance(flat, FlatAdamW)
     assert [len(g["params"]) for g in flat.param_groups] == [len(decay["params"]),
                                                              len(no_decay["params"])]
@@ -214,7 +216,7 @@ def test_clipping_left_to_the_step_equals_torch_clip_then_step(max_norm):
 
 def test_a_clipping_does_not_outlive_its_gradients():
     model = tiny_gpt()
-    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=BETAS)
     set_gradients(model, 0, flat=True)
     clip_grad_norm_(list(model.parameters()), 1e-3, optimizer)
     assert optimizer._grad_scale is not None
@@ -226,7 +228,7 @@ def test_clip_grad_norm_is_torch_s_where_gradients_are_scattered():
     for optimizer in (None, "flat"):
         model, reference = tiny_gpt(), tiny_gpt()
         if optimizer:
-            optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=BETAS, flatten=True)
+            optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=BETAS)
         set_gradients(model, 0, flat=False)  # e.g. the module path's gradients
         set_gradients(reference, 0, flat=False)
         norm = clip_grad_norm_(list(model.parameters()), 0.5, optimizer)
@@ -243,7 +245,7 @@ def test_c_step_gradients_mirror_the_flat_parameters():
     model.train()
     flatten_parameters(list(model.parameters()))
     x = torch.randint(0, 40, (torch.get_num_threads() * 2, 8))
-    loss = model.fused_lm_loss(x, torch.roll(x, -1, dims=1))
+    loss = kernels.FusedCausalLMLoss(model)(x, torch.roll(x, -1, dims=1))
     assert loss is not None
     loss.backward()
     params = list(model.parameters())

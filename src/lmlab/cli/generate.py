@@ -188,7 +188,7 @@ def run(args) -> int:
 
 
 def run_compare(args, model, tokenizer, prompts, knobs) -> int:
-    from lmlab.generation.compare import DEFAULT_STRATEGIES, compare_strategies
+    from lmlab.evaluation.strategies import DEFAULT_STRATEGIES, compare_strategies
 
     strategies = dict(DEFAULT_STRATEGIES)
     if args.compare:

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 import torch
 
 from lmlab.evaluation.text_metrics import distinct_n, mean_token_logprob, repeated_ngram_rate
-from lmlab.generation.decode import generate
+from lmlab.generation.generate import generate
+from lmlab.generation.protocol import model_device
 
 # What `lmlab generate --compare` runs when no strategies are named.
 DEFAULT_STRATEGIES: dict[str, dict[str, Any]] = {
@@ -51,7 +52,7 @@ def compare_strategies(
         result = StrategyResult(name=name, knobs=knobs)
         outputs, new_tokens, seconds, logprobs, repeats = [], 0, 0.0, [], []
         for prompt in prompts:
-            ids = torch.tensor([tokenizer.encode(prompt)], device=model.wte.weight.device)
+            ids = torch.tensor([tokenizer.encode(prompt)], device=model_device(model))
             t0 = time.perf_counter()
             out = generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                            **knobs)

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from lmlab.generation.protocol import model_device
+
 
 def ngrams(tokens: Sequence, n: int) -> list[tuple]:
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
@@ -33,7 +35,7 @@ def mean_token_logprob(model, prompt_ids: Sequence[int], new_ids: Sequence[int])
     """Mean log-probability the model assigns to `new_ids` after `prompt_ids` (nats/token)."""
     if not new_ids:
         return float("nan")
-    ids = torch.tensor([list(prompt_ids) + list(new_ids)], device=model.wte.weight.device)
+    ids = torch.tensor([list(prompt_ids) + list(new_ids)], device=model_device(model))
     logits = model(ids[:, :-1]).float()
     logprobs = torch.log_softmax(logits[0, len(prompt_ids) - 1 :], dim=-1)
     targets = ids[0, len(prompt_ids) :]

@@ -1,6 +1,9 @@
-"""Decoding: prefill / one-step decode around an explicit KV cache, and the strategies on top."""
+"""Decoding: the decoder protocol a model implements, the engine that decodes rows with their
+own state, and the strategies on it (greedy, sampling, beam search, speculative decoding)."""
 
 from lmlab.generation.config import GenerationConfig
-from lmlab.generation.decode import StreamStep, generate, generate_tokens, stream
+from lmlab.generation.engine import Engine, Event, Row
+from lmlab.generation.generate import StreamStep, generate, generate_tokens, stream
 
-__all__ = ["GenerationConfig", "StreamStep", "generate", "generate_tokens", "stream"]
+__all__ = ["Engine", "Event", "GenerationConfig", "Row", "StreamStep", "generate",
+           "generate_tokens", "stream"]

@@ -16,8 +16,9 @@ We mirror it op for op — the same topk calls on the same shapes, the same -1e9
 the same order — so that ties and float rounding break the same way. Where transformers tracks
 per-step beam indices, we keep only what its output needs: each hypothesis's generated length.
 
-The model runs on B · num_beams rows over one preallocated KV cache: the prompt is prefilled on
-B rows and the cache expanded, and each step the cache rows are reordered to the surviving beams.
+The search runs on the decoding engine (lmlab.generation.engine) as one group of B · num_beams
+rows: the prompts are prefilled on B rows and copied to their beams, and each step the engine
+copies the cache rows of the surviving beams onto the rows that continue them.
 """
 
 from __future__ import annotations
@@ -26,81 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.generation.config import GenerationConfig
-from lmlab.generation.decode import TokenSampler, decode_one_token, prefill
-from lmlab.generation.processors import apply_processors
-from lmlab.models.layers import packed_inference
+from lmlab.generation.sampling import TokenSampler, sample_from
 
 # transformers' "impossible" score. It is added (not assigned), so scores stay ordered beneath it.
 NEG = -1.0e9
-
-
-def beam_search(
-    model,
-    input_ids: torch.Tensor,
-    config: GenerationConfig,
-    *,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Prompt + generated tokens, (B · num_return_sequences, prompt_len + L), the best hypotheses
-    of each prompt first; shorter hypotheses are padded with `pad_token_id` (else the first EOS).
-
-    `attention_mask` (B, prompt_len) marks left padding with 0. With `do_sample=True` this is
-    transformers' beam sampling: candidates are drawn from the processed and warped scores.
-    """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, prompt_len), got shape {tuple(input_ids.shape)}")
-    if config.num_beams < 2:
-        raise ValueError(f"beam_search needs num_beams >= 2, got {config.num_beams}; use "
-                         "generate_tokens for greedy decoding or sampling")
-    if config.stop_strings:
-        raise ValueError("stop_strings are not supported with beam search yet; drop stop_strings "
-                         "or use num_beams=1")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                         f"got {tuple(attention_mask.shape)}")
-    prompt_len = input_ids.shape[1]
-    new_tokens = config.budget(prompt_len, model=model)
-    total = prompt_len + new_tokens
-    if new_tokens == 0:
-        return input_ids.repeat_interleave(config.num_return_sequences, dim=0)
-    with torch.inference_mode(), packed_inference(model):  # re-entrant: generate() enters it too
-        return _beam_search(model, input_ids, config, attention_mask, total)
-
-
-def _beam_search(model, input_ids, config, attention_mask, total) -> torch.Tensor:
-    batch, prompt_len = input_ids.shape
-    num_beams, device = config.num_beams, input_ids.device
-    beams = BeamState(input_ids, config, total=total)
-    draw = _CandidateSampler(config, batch=batch, device=device) if config.do_sample else None
-
-    mask = None
-    if attention_mask is not None and not bool(attention_mask.all()):
-        # One row per beam; generated tokens are always attended to.
-        mask = torch.ones(batch * num_beams, total, dtype=attention_mask.dtype, device=device)
-        mask[:, :prompt_len] = attention_mask.repeat_interleave(num_beams, dim=0)
-    # With the per-beam prompt mask, so that the repetition penalty skips left padding.
-    processors = config.logits_processors(
-        prompt_len=prompt_len, attention_mask=None if mask is None else mask[:, :prompt_len]
-    )
-    cache = model.new_cache(batch, total)
-    logits = prefill(model, input_ids, cache, None if mask is None else attention_mask)
-    # All beams of a prompt start equal: prefill once per prompt, then copy rows per beam.
-    expand = torch.arange(batch, device=device).repeat_interleave(num_beams)
-    cache.reorder(expand)
-    logits = logits.index_select(0, expand)
-
-    for cur_len in range(prompt_len, total):
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        if processors:
-            log_probs = apply_processors(processors, beams.flat_running(cur_len), log_probs)
-        source = beams.step(log_probs, cur_len, draw)
-        if not beams.unfinished(cur_len + 1):
-            break
-        cache.reorder(source)
-        token = beams.last_tokens(cur_len + 1)
-        step_mask = None if mask is None else mask[:, : cur_len + 1]
-        logits = decode_one_token(model, token, cache, step_mask)
-    return beams.output(config.num_return_sequences)
 
 
 class BeamState:
@@ -211,7 +141,7 @@ class BeamState:
         return sequences[:, : self.prompt_len + int(self.lengths[:, :n].max())]
 
 
-class _CandidateSampler:
+class CandidateSampler:
     """Beam sampling: draws k candidates without replacement from softmax(summed scores).
 
     Without a seed, one draw from torch's global RNG, as transformers does (so torch.manual_seed
@@ -220,15 +150,12 @@ class _CandidateSampler:
     """
 
     def __init__(self, config: GenerationConfig, *, batch: int, device):
-        sampler = TokenSampler(do_sample=True, seed=config.seed, batch_size=batch, device=device)
+        sampler = TokenSampler.seeded(do_sample=True, seed=config.seed, batch_size=batch,
+                                      device=device)
         self.generators = sampler.generators
 
     def __call__(self, scores: torch.Tensor, k: int) -> torch.Tensor:
-        probs = F.softmax(scores, dim=-1)
-        if self.generators is None:
-            return torch.multinomial(probs, num_samples=k)
-        return torch.stack([torch.multinomial(p, num_samples=k, generator=g)
-                            for p, g in zip(probs, self.generators)])
+        return sample_from(F.softmax(scores, dim=-1), self.generators, num_samples=k)
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 EarlyStopping = Union[bool, Literal["never"]]
+# The one default length budget, for the library and every command: transformers' 20 tokens.
+DEFAULT_MAX_NEW_TOKENS = 20
 
 
 @dataclass(kw_only=True)
@@ -51,7 +53,7 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.max_new_tokens is None and self.max_length is None:
-            self.max_new_tokens = 20  # transformers' default length budget
+            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         _check(self.max_new_tokens is None or self.max_new_tokens >= 0,
                f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         _check(self.max_length is None or self.max_length > 0,
@@ -120,23 +122,26 @@ class GenerationConfig:
 
     def budget(self, prompt_len: int, *, model, name: str = "") -> int:
         """New tokens to generate after a prompt of `prompt_len`, checked against the model's
-        context window (every strategy checks here, before any work)."""
+        context window — the one place every strategy and the CLI check it, before any work."""
         new_tokens = self.new_tokens_for(prompt_len)
         total = prompt_len + new_tokens
-        if total > model.config.n_positions:
+        window = getattr(model, "context_window", None)
+        if window is not None and total > window:
             whose = f"the {name} model's" if name else "the model's"
             raise ValueError(
                 f"prompt ({prompt_len} tokens) + {new_tokens} new tokens = {total} exceeds "
-                f"{whose} context window of {model.config.n_positions} tokens"
+                f"{whose} context window of {window} tokens"
             )
         return new_tokens
 
-    def logits_processors(self, *, prompt_len: int, attention_mask=None) -> list:
-        """Processors then (when sampling) warpers, in transformers' order. `attention_mask`
-        (B, prompt_len) keeps left padding out of the repetition penalty, as in transformers."""
+    def logits_processors(self, *, prompt_len: int, attention_mask=None, padding: int = 0) -> list:
+        """Processors then (when sampling) warpers, in transformers' order. Left padding stays
+        out of the repetition penalty, as in transformers: `padding` leading positions of every
+        row, or per row from `attention_mask` (B, prompt_len)."""
         from lmlab.generation.processors import build_logits_processors
 
-        return build_logits_processors(self, prompt_len=prompt_len, attention_mask=attention_mask)
+        return build_logits_processors(self, prompt_len=prompt_len, attention_mask=attention_mask,
+                                       padding=padding)
 
 
 def _check(condition: bool, message: str) -> None:

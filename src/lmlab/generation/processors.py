@@ -425,13 +425,14 @@ def apply_processors(
 
 
 def build_logits_processors(config, *, prompt_len: int,
-                            attention_mask: torch.Tensor | None = None) -> list[LogitsProcessor]:
+                            attention_mask: torch.Tensor | None = None,
+                            padding: int = 0) -> list[LogitsProcessor]:
     """The processors a GenerationConfig asks for, in transformers' order; warpers last.
 
     Every knob is validated even when it turns out to be a no-op (repetition_penalty=1.0,
-    top_p=1.0, min_p=0, …), but only processors that change something are built. `attention_mask`
-    (B, prompt_len), when the prompt is left-padded, keeps the padding out of the repetition
-    penalty, as transformers does.
+    top_p=1.0, min_p=0, …), but only processors that change something are built. Left padding
+    of the prompt stays out of the repetition penalty, as in transformers: `padding` leading
+    positions of every row, or per row from `attention_mask` (B, prompt_len).
     """
     out: list[LogitsProcessor] = []
     eos = list(config.eos_token_id or [])
@@ -444,10 +445,10 @@ def build_logits_processors(config, *, prompt_len: int,
                                          prompt_len=prompt_len)
     if penalties.frequency_penalty or penalties.presence_penalty:
         out.append(penalties)
-    padding = None
+    ignored = padding or None
     if attention_mask is not None and not bool(attention_mask.all()):
-        padding = (attention_mask != 0).int().argmax(dim=1)  # leading pads per row
-    repetition = RepetitionPenalty(config.repetition_penalty, prompt_ignore_length=padding)
+        ignored = (attention_mask != 0).int().argmax(dim=1)  # leading pads per row
+    repetition = RepetitionPenalty(config.repetition_penalty, prompt_ignore_length=ignored)
     if repetition.penalty != 1.0:
         out.append(repetition)
     ngram = config.no_repeat_ngram_size

@@ -8,15 +8,11 @@ token from norm(max(0, p - q)), and if every draft is accepted it takes one more
 p and q are the target's and the draft's *processed* distributions (the same processors and
 warpers for both), so the output is distributed exactly as sampling from the target alone.
 
-Batches: rows accept different numbers of drafts, so their sequences grow raggedly. We keep ONE
-cache length ("slots") shared by all rows and mark the slots a row did not keep as holes, exactly
-as left padding is marked: `slots` is a (B, max_len) 0/1 mask passed as the attention mask, and
-each row's positions are counted over its real slots only (`n_real`). After a round the caches
-are rolled back (`cache.truncate`) to the furthest slot any still-running row kept; a row that
-kept fewer drafts gets holes for the rest of the round's slots. With one row there are never
-holes, so this is gpt-fast's algorithm; with B rows the caches may hold up to min(B, k + 1) slots
-per new token (memory and attention length traded for simplicity: nothing is recomputed and no
-row waits for another). The prompt's left padding is the same mechanism, so it needs no extra code.
+Batches: rows accept different numbers of drafts, so their sequences grow raggedly; each row
+keeps its own length in both KV caches, and after a round each cache row is rolled back to what
+that row kept (`cache.truncate` per row). Drafted tokens past a row's budget are fed as padding
+(no position of their own, attended by nothing), so they can never be kept. With one row this
+is gpt-fast's algorithm.
 
 Invariant at the start of a round, for every row: all committed tokens but the last are in both
 caches; the last one (the "pending" token; at first the prompt's last token) is fed this round.
@@ -30,8 +26,10 @@ from __future__ import annotations
 import torch
 
 from lmlab.generation.config import GenerationConfig
-from lmlab.generation.decode import TokenSampler, prefill
+from lmlab.generation.engine import ModelRunner
+from lmlab.generation.protocol import check_decoder, model_device
 from lmlab.generation.processors import apply_processors
+from lmlab.generation.sampling import TokenSampler
 
 
 def speculative_generate(
@@ -43,6 +41,7 @@ def speculative_generate(
     attention_mask: torch.Tensor | None = None,
     num_draft_tokens: int = 4,
     stats: dict | None = None,
+    cpu_kernels: bool = True,
 ) -> torch.Tensor:
     """Prompt + new tokens (B, prompt_len + n), padded after EOS like greedy `generate`.
 
@@ -53,6 +52,9 @@ def speculative_generate(
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     _validate(target, draft, input_ids, config, attention_mask, num_draft_tokens)
+    device = model_device(target)
+    input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
     if config.num_return_sequences > 1:  # sampled: each prompt repeated, as generate() does
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         if attention_mask is not None:
@@ -65,7 +67,7 @@ def speculative_generate(
     else:
         with torch.inference_mode():
             decoder = _Decoder(target, draft, input_ids, attention_mask, config, new_tokens,
-                               num_draft_tokens, counts)
+                               num_draft_tokens, counts, cpu_kernels)
             while decoder.round():
                 pass
             out = decoder.output()
@@ -81,12 +83,14 @@ def _validate(target, draft, input_ids, config, attention_mask, num_draft_tokens
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) \
             or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
-    if target.config.vocab_size != draft.config.vocab_size:
-        raise ValueError(
-            f"the draft model's vocab_size ({draft.config.vocab_size}) must equal the target's "
-            f"({target.config.vocab_size}): their distributions are compared token by token; "
-            "use a draft trained with the target's tokenizer"
-        )
+    check_decoder(target, role="target model")
+    check_decoder(draft, role="draft model")
+    vocab = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (target, draft)]
+    if None not in vocab and vocab[0] != vocab[1]:
+        raise ValueError(_vocab_message(*vocab))
+    if model_device(target) != model_device(draft):
+        raise ValueError(f"the draft model is on {model_device(draft)} and the target on "
+                         f"{model_device(target)}: move both to one device")
     if config.num_beams > 1:
         raise ValueError("speculative decoding does not combine with num_beams > 1; "
                          "pass num_beams=1 or drop the draft model")
@@ -100,6 +104,12 @@ def _validate(target, draft, input_ids, config, attention_mask, num_draft_tokens
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("attention_mask: only left padding is supported; the last prompt "
                              "token of every row must be real (mask 1)")
+
+
+def _vocab_message(target_vocab: int, draft_vocab: int) -> str:
+    return (f"the draft model's vocab_size ({draft_vocab}) must equal the target's "
+            f"({target_vocab}): their distributions are compared token by token; use a draft "
+            "trained with the target's tokenizer")
 
 
 # -- the acceptance step: pure functions of the two distributions -----------------------------
@@ -132,11 +142,7 @@ def accept_or_resample(
     Exact: P(out = y) = q(y)·min(1, p(y)/q(y)) + (Σ_x q(x)·(1 - min(1, p(x)/q(x))))·residual(y)
     = min(q(y), p(y)) + (p(y) - min(q(y), p(y))) = p(y)."""
     accept_prob = acceptance_probability(p, q, draft_token)
-    if sampler.generators is None:
-        uniform = torch.rand(len(p), device=p.device, dtype=p.dtype)
-    else:
-        uniform = torch.cat([torch.rand(1, generator=g, device=p.device, dtype=p.dtype)
-                             for g in sampler.generators])
+    uniform = sampler.uniform(len(p), device=p.device, dtype=p.dtype)
     accepted = uniform < accept_prob  # uniform is in [0, 1): probability 1 always accepts
     resampled = sampler(residual_distribution(p, q).log())  # softmax(log r) = r
     return accepted, torch.where(accepted, draft_token, resampled)
@@ -146,49 +152,35 @@ def accept_or_resample(
 class _Decoder:
     """State of one speculative decode; `round()` runs draft → verify → commit once."""
 
-    def __init__(self, target, draft, input_ids, attention_mask, config, new_tokens, k, counts):
+    def __init__(self, target, draft, input_ids, attention_mask, config, new_tokens, k, counts,
+                 cpu_kernels):
         batch, prompt_len = input_ids.shape
         device = input_ids.device
-        self.target, self.draft, self.k, self.counts = target, draft, k, counts
+        self.k, self.counts = k, counts
         self.prompt_len, self.new_tokens = prompt_len, new_tokens
         self.do_sample = config.do_sample
         self.processors = config.logits_processors(prompt_len=prompt_len,
                                                    attention_mask=attention_mask)
-        self.sampler = TokenSampler(do_sample=config.do_sample, seed=config.seed,
-                                    batch_size=batch, device=device)
+        self.sampler = TokenSampler.seeded(do_sample=config.do_sample, seed=config.seed,
+                                           batch_size=batch, device=device)
         self.pad = config.pad_id
         self.eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=device)
         # Room for drafts beyond a row's committed tokens, so processors can see them.
-        self.sequence = torch.full((batch, prompt_len + new_tokens + k + 1), self.pad,
-                                   dtype=torch.long, device=device)
+        total = prompt_len + new_tokens + k + 1
+        self.sequence = torch.full((batch, total), self.pad, dtype=torch.long, device=device)
         self.sequence[:, :prompt_len] = input_ids
         self.lengths = torch.full((batch,), prompt_len, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        # Each round adds at most k + 1 slots and at most the furthest row's progress (<= the
-        # sum over rows), hence min(B, k + 1) slots per new token; + k + 1 for the last round.
-        max_len = prompt_len + min(batch, k + 1) * new_tokens + k + 1
-        self.slots = torch.ones(batch, max_len, dtype=torch.long, device=device)
-        if attention_mask is not None:
-            self.slots[:, :prompt_len] = attention_mask
-        self.n_real = self.slots[:, : prompt_len - 1].sum(dim=-1)  # = the pending position
-        self.length = prompt_len - 1  # slots in both caches
         # Two caches even when draft is target (then the acceptance rate must be 100%).
-        self.target_cache = target.new_cache(batch, max_len)
-        self.draft_cache = draft.new_cache(batch, max_len)
+        self.target = ModelRunner(target, rows=batch, max_len=total, cpu_kernels=cpu_kernels,
+                                  role="target model")
+        self.draft = ModelRunner(draft, rows=batch, max_len=total, cpu_kernels=cpu_kernels,
+                                 role="draft model")
         if prompt_len > 1:
-            for model, cache in ((target, self.target_cache), (draft, self.draft_cache)):
-                prefill(model, input_ids[:, :-1], cache, self.slots[:, : prompt_len - 1])
+            mask = None if attention_mask is None else attention_mask[:, :-1]
+            for runner in (self.target, self.draft):
+                runner.forward(input_ids[:, :-1], attention_mask=mask, last_only=True)
             counts["target_calls"] += 1
-
-    def _forward(self, model, cache, tokens: torch.Tensor, offset: int) -> torch.Tensor:
-        """Logits (B, T, V) of tokens fed at slot `self.length + offset` of the cache."""
-        assert cache.length == self.length + offset
-        T = tokens.shape[1]
-        positions = self.n_real[:, None] + offset + torch.arange(T, device=tokens.device)
-        # Positions past a row's budget only occur for drafts that row can never keep.
-        positions = positions.clamp(max=model.config.n_positions - 1)
-        mask = self.slots[:, : cache.length + T]
-        return model(tokens, positions=positions, cache=cache, attention_mask=mask).float()
 
     def _process(self, scores: torch.Tensor, offset: int, active: torch.Tensor) -> torch.Tensor:
         """Processed scores of the token `offset` places after each row's pending one: each row's
@@ -212,21 +204,25 @@ class _Decoder:
         remaining = self.prompt_len + self.new_tokens - self.lengths
         # With m tokens left, m - 1 drafts + the target's own token can finish the row.
         k = min(self.k, int(remaining[active].max()) - 1)
-        start, batch = self.length, len(self.lengths)
-        self.slots[:, start : start + k + 1] = 1
-        block = torch.empty(batch, k + 1, dtype=torch.long, device=self.sequence.device)
+        batch, device = len(self.lengths), self.sequence.device
+        block = torch.empty(batch, k + 1, dtype=torch.long, device=device)
         block[:, 0] = self.sequence.gather(1, (self.lengths - 1)[:, None]).squeeze(1)
+        # Tokens past a row's budget (and every token of a finished row) go in as padding.
+        real = (torch.arange(k + 1, device=device)[None] < remaining[:, None]) & active[:, None]
+        real = real.long()
         draft_scores = []
         for i in range(k):
-            logits = self._forward(self.draft, self.draft_cache, block[:, i : i + 1], i)[:, -1]
-            draft_scores.append(self._process(logits, i, active))
+            logits = self.draft.forward(block[:, i:i + 1], attention_mask=real[:, i:i + 1])
+            draft_scores.append(self._process(logits[:, -1].float(), i, active))
             block[:, i + 1] = self.sampler(draft_scores[-1])
             self.sequence.scatter_(1, (self.lengths + i)[:, None], block[:, i + 1 : i + 2])
-        logits = self._forward(self.target, self.target_cache, block, 0)
+        logits = self.target.forward(block, attention_mask=real).float()
         self.counts["target_calls"] += 1
+        if draft_scores and draft_scores[0].shape[-1] != logits.shape[-1]:
+            raise ValueError(_vocab_message(logits.shape[-1], draft_scores[0].shape[-1]))
         target_scores = [self._process(logits[:, i], i, active) for i in range(k + 1)]
         kept, commit = self._verify(block, draft_scores, target_scores)
-        self._commit(block, kept, commit, remaining, active, k)
+        self._commit(block, real, kept, commit, remaining, active, k)
         return bool((~self.finished).any())
 
     def _verify(self, block, draft_scores, target_scores):
@@ -253,7 +249,7 @@ class _Decoder:
         commit.scatter_(1, kept[:, None], fix)
         return kept, commit
 
-    def _commit(self, block, kept, commit, remaining, active, k) -> None:
+    def _commit(self, block, real, kept, commit, remaining, active, k) -> None:
         batch, device = len(kept), kept.device
         steps = torch.arange(k + 1, device=device)
         count = torch.minimum(kept + 1, remaining)  # never past the row's budget
@@ -271,25 +267,21 @@ class _Decoder:
         rows = torch.arange(batch, device=device)[:, None].expand(-1, k + 1)
         cols = self.lengths[:, None] + steps[None]
         self.sequence[rows[write], cols[write]] = commit[write]
+        before = self.lengths - 1  # each row's cache length at the start of the round
         self.lengths += count
         self.finished |= stopped | (self.lengths - self.prompt_len >= self.new_tokens)
 
         running = ~self.finished
         if not bool(running.any()):
             return
-        # Roll both caches back to the furthest slot a running row kept: its pending token,
-        # then its kept drafts. Shorter rows get holes for the rest.
-        grow = int(kept[running].max()) + 1
-        start = self.length
-        holes = (steps[None, :grow] > kept[:, None]) & running[:, None]
-        self.slots[:, start : start + grow][holes] = 0
-        self.target_cache.truncate(start + grow)
-        if grow == k + 1:  # some row kept every draft: the draft has not seen the last one yet
-            self._forward(self.draft, self.draft_cache, block[:, k:], k)
-        else:
-            self.draft_cache.truncate(start + grow)
-        self.n_real += torch.where(running, kept + 1, torch.zeros_like(kept))
-        self.length = start + grow
+        # Each cache row keeps the round's pending token and the drafts its row kept; the new
+        # pending token (the correction or bonus) is fed next round. Rows that are done keep
+        # what they have: they are fed padding from now on.
+        keep = torch.where(running, before + kept + 1, before + real.sum(-1)).tolist()
+        self.target.cache.truncate(keep)
+        if bool((running & (kept == k)).any()):  # the draft has not seen its last draft yet
+            self.draft.forward(block[:, k:], attention_mask=real[:, k:])
+        self.draft.cache.truncate([min(n, c) for n, c in zip(keep, self.draft.cache.lengths)])
 
     def output(self) -> torch.Tensor:
         width = int(self.lengths.max())

@@ -1,105 +1,129 @@
-/* Decoding kernels, fp32, AVX2 + FMA, threaded with the OpenMP runtime torch already uses.
+/* Decoding kernels, fp32, threaded with the OpenMP runtime torch already uses.
  *
- * 1. lmlab_linear_f32: y = x @ w.T + bias for a few rows of x (1 token, a few beams).
+ * 1. lmlab_linear_f32: y = x @ w.T + bias for any number of rows of x (the products below,
+ *    exposed on their own so that tests can check them against torch).
  * 2. lmlab_gpt_decode_f32: one decode step of a whole GPT-2-style model (every block, the
- *    final LayerNorm and the LM head) for a few rows, in one call and one parallel region.
+ *    final LayerNorm and the LM head) for a batch of rows, each at its own position in its own
+ *    row of the KV cache, in one call and one parallel region.
  *
- * Decoding multiplies one vector per row by every weight matrix, so its speed is how fast the
- * weights stream from memory. torch's BLAS and oneDNN paths reach 11-19 GB/s on this kind of
- * 2-core machine for such products, against ~26 GB/s that a plain read of the same bytes
- * reaches; this loop streams each weight row once, in order, on every OpenMP thread, and gets
- * within ~10% of the plain read (benchmarks/generate_speed.py, BENCHMARKS.md).
+ * Products. Decoding multiplies a few rows (1 token; 5 beams) to a few dozen (a server's
+ * batch) by every weight matrix. With one row the speed is how fast the weights stream from
+ * memory; with 64 rows it is arithmetic. One blocked kernel serves both: the threads split the
+ * outputs n into blocks of NR weight rows, and each block — read from memory once, then held
+ * in L1 — is multiplied with the input rows MR at a time in registers (MR x NR accumulators).
+ * Every output y[m, n] is one dot product summed in the build's one order (vec.h) whatever the
+ * tile, the number of rows or of threads: a row's numbers are bit-identical alone or in a
+ * batch of 64 (batch invariance, which a server's "same answer under load" rests on).
  *
- * Every output y[m, n] is summed in the same order whatever the number of rows: four 8-lane
- * accumulators over k (k mod 32), added pairwise, then the lanes, then the scalar tail. So a
- * row's numbers do not depend on which other rows share its batch (batch invariance, bit for
- * bit), and a row's weight row, read once from memory, is reused from L1 for the other rows.
+ * The arithmetic is models/gpt.py's (pre-LayerNorm blocks, GPT-2's attention and MLP), checked
+ * against it in tests/kernels/test_gpt_decode_kernel.py.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #include "gpt_layout.h"
-#include "simd.h"
+#include "vec.h"
 
-#define PREFETCH_AHEAD 256 /* floats (1 KiB) ahead of the loads; measured 256/512/1024 */
+#define PREFETCH_AHEAD 256 /* floats (1 KiB) ahead of the weight loads */
 
-static inline float dot(const float *w, const float *x, int64_t in) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 32 <= in; k += 32) {
-        _mm_prefetch((const char *)(w + k + PREFETCH_AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + k + PREFETCH_AHEAD + 16), _MM_HINT_T0);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+/* Register tiles: MR input rows x NR weight rows. AVX-512 has 32 vector registers (16
+ * accumulators + 4 weight vectors + 1 input vector fit), AVX2 16. */
+#if VW == 16
+#define MR 4
+#else
+#define MR 2
+#endif
+#define NR 4
+
+/* out[i][j] = dot(w + j*ldw, x + i*ldx, K) for i < ROWS, j < NR, each summed as vf_dot sums.
+ * A macro so that the tile's size is a constant and the accumulators stay in registers;
+ * DEFINE_TILE(MR) defines tile_MR (## pastes the name unexpanded), DEFINE_TILE(1) tile_1. */
+#define DEFINE_TILE(ROWS)                                                                        \
+    static inline void tile_##ROWS(const float *x, int64_t ldx, const float *w, int64_t ldw,     \
+                                   int64_t K, int prefetch, float out[ROWS][NR]) {               \
+        vf acc[ROWS][NR];                                                                       \
+        for (int i = 0; i < ROWS; i++)                                                          \
+            for (int j = 0; j < NR; j++) acc[i][j] = vf_zero();                                 \
+        int64_t k = 0;                                                                          \
+        for (; k + VW <= K; k += VW) {                                                          \
+            vf wv[NR];                                                                          \
+            for (int j = 0; j < NR; j++) {                                                      \
+                if (prefetch)                                                                   \
+                    _mm_prefetch((const char *)(w + j * ldw + k + PREFETCH_AHEAD), _MM_HINT_T0); \
+                wv[j] = vf_load(w + j * ldw + k);                                               \
+            }                                                                                   \
+            for (int i = 0; i < ROWS; i++) {                                                    \
+                const vf xv = vf_load(x + i * ldx + k);                                         \
+                for (int j = 0; j < NR; j++) acc[i][j] = vf_fma(wv[j], xv, acc[i][j]);          \
+            }                                                                                   \
+        }                                                                                       \
+        for (int i = 0; i < ROWS; i++)                                                          \
+            for (int j = 0; j < NR; j++) {                                                      \
+                float s = vf_sum(acc[i][j]);                                                    \
+                for (int64_t kk = k; kk < K; kk++) s = fmaf(w[j * ldw + kk], x[i * ldx + kk], s); \
+                out[i][j] = s;                                                                  \
+            }                                                                                   \
     }
-    for (; k + 8 <= in; k += 8)
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-    float s = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < in; k++)
-        s += w[k] * x[k];
-    return s;
+DEFINE_TILE(MR)
+#if MR != 1
+DEFINE_TILE(1)
+#endif
+
+/* y[n + j] (+)= dots[j] + bias[n + j] for the NR outputs of one block of one row. */
+static inline void store(float *y, int64_t n, const float *dots, const float *bias,
+                         int accumulate) {
+    for (int64_t j = 0; j < NR; j++) {
+        const float v = dots[j] + (bias ? bias[n + j] : 0.0f);
+        if (accumulate) y[n + j] += v;
+        else y[n + j] = v;
+    }
 }
 
-/* dot(w, x0) and dot(w, x1) at once, each summed exactly as dot() sums it: the weight row is
- * loaded once for both, which is what makes 16-row products (batch 16) compute- rather than
- * load-bound. */
-static inline void dot2(const float *w, const float *x0, const float *x1, int64_t in,
-                        float *s0, float *s1) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    int64_t k = 0;
-    for (; k + 32 <= in; k += 32) {
-        _mm_prefetch((const char *)(w + k + PREFETCH_AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + k + PREFETCH_AHEAD + 16), _MM_HINT_T0);
-        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
-        const __m256 w2 = _mm256_loadu_ps(w + k + 16), w3 = _mm256_loadu_ps(w + k + 24);
-        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + k), a0);
-        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x0 + k + 8), a1);
-        a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x0 + k + 16), a2);
-        a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x0 + k + 24), a3);
-        b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + k), b0);
-        b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + k + 8), b1);
-        b2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x1 + k + 16), b2);
-        b3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x1 + k + 24), b3);
+/* Inside a parallel region: y[m, n] (+)= dot(w[n], x[m]) + b[n] for every row m; threads split
+ * the output blocks, so each weight row is read from memory once per call. */
+static void products(const float *x, int64_t rows, int64_t in, const float *w, int64_t out,
+                     const float *bias, float *y, int accumulate) {
+    const int64_t blocks = (out + NR - 1) / NR;
+    #pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n = b * NR;
+        if (n + NR > out) {  /* the last, partial block: one output at a time */
+            for (int64_t m = 0; m < rows; m++)
+                for (int64_t j = n; j < out; j++) {
+                    const float v = vf_dot(w + j * in, x + m * in, in) + (bias ? bias[j] : 0.0f);
+                    if (accumulate) y[m * out + j] += v;
+                    else y[m * out + j] = v;
+                }
+            continue;
+        }
+        int64_t m = 0;
+        for (; m + MR <= rows; m += MR) {
+            float dots[MR][NR];
+            tile_MR(x + m * in, in, w + n * in, in, in, m == 0, dots);
+            for (int i = 0; i < MR; i++) store(y + (m + i) * out, n, dots[i], bias, accumulate);
+        }
+        for (; m < rows; m++) {
+            float dots[1][NR];
+            tile_1(x + m * in, in, w + n * in, in, in, m == 0, dots);
+            store(y + m * out, n, dots[0], bias, accumulate);
+        }
     }
-    for (; k + 8 <= in; k += 8) {
-        const __m256 w0 = _mm256_loadu_ps(w + k);
-        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + k), a0);
-        b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + k), b0);
-    }
-    float t0 = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    float t1 = horizontal_sum(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
-    for (; k < in; k++) {
-        t0 += w[k] * x0[k];
-        t1 += w[k] * x1[k];
-    }
-    *s0 = t0;
-    *s1 = t1;
 }
 
-/* y[m, n] = dot(w[n], x[m]) for every row m of x, two rows at a time. */
-static inline void row_products(const float *w_row, const float *x, int64_t rows, int64_t in,
-                                float *dots) {
-    int64_t m = 0;
-    for (; m + 2 <= rows; m += 2)
-        dot2(w_row, x + m * in, x + (m + 1) * in, in, dots + m, dots + m + 1);
-    if (m < rows)
-        dots[m] = dot(w_row, x + m * in, in);
+/* x: (rows, in), w: (out, in), bias: (out) or NULL, y: (rows, out); all contiguous. */
+void lmlab_linear_f32(const float *x, int64_t rows, int64_t in, const float *w, int64_t out,
+                      const float *bias, float *y, int threads) {
+    #pragma omp parallel num_threads(threads)
+    products(x, rows, in, w, out, bias, y, 0);
 }
-
-/* The most rows one call takes (the fused step's batch 16 included). */
-#define MAX_ROWS 16
 
 /* ---- one decode step of a GPT-2-style model ------------------------------------------------
  * A decode step of a small model is ~100 tensor operations of a few microseconds each; in
  * eager PyTorch their dispatch, Python and thread wake-ups cost as much as the arithmetic
  * (6-layer, width-384 model: ~2 of ~4.4 ms per token). Here the step is one call: one
- * parallel region in which the threads split every product by output row and every attention
- * by (row, head), with barriers between the stages. The arithmetic is models/gpt.py's
- * (pre-LayerNorm blocks, GPT-2's attention and MLP), checked against it in
- * tests/kernels/test_gpt_decode_kernel.py. */
+ * parallel region in which the threads split every product by output block and every
+ * attention by (token, head), with barriers between the stages. */
 
 static void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n,
                        float *out) {
@@ -133,29 +157,6 @@ static void activate_all(float *h, int64_t n, int act) {
     }
 }
 
-/* Inside a parallel region: y[m, n] (+)= dot(w[n], x[m]) + b[n] for every row m; threads split
- * the output rows n, so each weight row is streamed from memory once. */
-static void products(const float *x, int64_t rows, int64_t in, const float *w, int64_t out,
-                     const float *bias, float *y, int accumulate) {
-    #pragma omp for schedule(static)
-    for (int64_t n = 0; n < out; n++) {
-        const float b = bias ? bias[n] : 0.0f;
-        float dots[MAX_ROWS];
-        row_products(w + n * in, x, rows, in, dots);
-        for (int64_t m = 0; m < rows; m++) {
-            if (accumulate) y[m * out + n] += dots[m] + b;
-            else y[m * out + n] = dots[m] + b;
-        }
-    }
-}
-
-/* x: (rows, in), w: (out, in), bias: (out) or NULL, y: (rows, out); all contiguous. */
-void lmlab_linear_f32(const float *x, int64_t rows, int64_t in, const float *w, int64_t out,
-                      const float *bias, float *y, int threads) {
-    #pragma omp parallel num_threads(threads)
-    products(x, rows, in, w, out, bias, y, 0);
-}
-
 /* Inside a parallel region: out[m] = LayerNorm(x[m]) for every row m. */
 static void layer_norm_rows(const float *x, int64_t rows, int64_t n, const float *w,
                             const float *b, float eps, float *out) {
@@ -164,21 +165,54 @@ static void layer_norm_rows(const float *x, int64_t rows, int64_t n, const float
         layer_norm(x + m * n, w, b, eps, n, out + m * n);
 }
 
+/* One query (token m, head h) over the slots 0..own of its cache row: softmax(q.k / sqrt(D)) v
+ * into out. Slots whose valid byte is 0 (padding) are skipped, except the query's own slot
+ * (as models/kv_cache.py's mask has it). */
+static void attend(const float *q, const float *k_cache, const float *v_cache, int64_t own,
+                   const uint8_t *valid, int64_t D, float scale, float *score, float *out) {
+    float top = -INFINITY;
+    for (int64_t s = 0; s <= own; s++) {
+        if (valid && !valid[s] && s != own) { score[s] = -INFINITY; continue; }
+        score[s] = vf_dot(k_cache + s * D, q, D) * scale;
+        if (score[s] > top) top = score[s];
+    }
+    int64_t s = 0;
+    for (; s + 8 <= own + 1; s += 8) {
+        const __m256 v = _mm256_loadu_ps(score + s);
+        const __m256 masked = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+        const __m256 e = _mm256_blendv_ps(exp8(_mm256_sub_ps(v, _mm256_set1_ps(top))),
+                                          _mm256_setzero_ps(), masked);
+        _mm256_storeu_ps(score + s, e);
+    }
+    for (; s <= own; s++) score[s] = score[s] == -INFINITY ? 0.0f : expf(score[s] - top);
+    float total = 0.0f;
+    for (s = 0; s <= own; s++) total += score[s];
+    for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+    for (s = 0; s <= own; s++) {
+        const float weight = score[s] / total, *v = v_cache + s * D;
+        if (weight != 0.0f)
+            for (int64_t d = 0; d < D; d++) out[d] += weight * v[d];
+    }
+}
+
 /* Returns 0, or -1 when its scratch memory cannot be allocated (nothing is written then).
- * x: (rows, C) embeddings in, residual stream (overwritten); rows = batch × tokens_per_row,
+ * x: (rows, C) embeddings in, residual stream (overwritten); rows = batch x tokens_per_row,
  * row m being token m % tokens_per_row of batch row m / tokens_per_row. keys/values: per layer
- * one (batch, n_head, max_len, head_dim) contiguous cache; token t is written at position + t
- * and attends to the positions up to its own. mask: (batch, position + tokens_per_row) bytes,
- * 1 where a key may be attended (a token always attends to itself, as models/layers.py's
- * padded_causal_mask has it), or NULL for all. */
+ * one (batch, n_head, max_len, head_dim) contiguous cache. starts[b]: the slot of batch row b's
+ * first new token; its token t is written at slot starts[b] + t and attends to the slots up to
+ * its own. valid: (batch, max_len) bytes, 0 for a slot no query may attend (padding), or NULL
+ * for none. */
 int lmlab_gpt_decode_f32(const int64_t *weights, const int64_t *caches, int64_t n_layer,
                          int64_t rows, int64_t tokens_per_row, int64_t n_embd, int64_t n_head,
-                         int64_t n_inner, int64_t max_len, int64_t position, const uint8_t *mask,
-                         float eps, int act, const float *ln_f_w, const float *ln_f_b,
-                         const float *head_w, int64_t vocab, float *x, float *logits,
-                         int threads) {
-    const int64_t C = n_embd, D = n_embd / n_head, T = tokens_per_row, S = position + T;
+                         int64_t n_inner, int64_t max_len, const int64_t *starts,
+                         const uint8_t *valid, float eps, int act, const float *ln_f_w,
+                         const float *ln_f_b, const float *head_w, int64_t vocab, float *x,
+                         float *logits, int threads) {
+    const int64_t C = n_embd, D = n_embd / n_head, T = tokens_per_row, batch = rows / T;
     const float scale = 1.0f / sqrtf((float)D);
+    int64_t S = 0;  /* the most slots any query reads */
+    for (int64_t b = 0; b < batch; b++)
+        if (starts[b] + T > S) S = starts[b] + T;
     float *normed = malloc(sizeof(float) * rows * C);
     float *qkv = malloc(sizeof(float) * rows * 3 * C);
     float *heads = malloc(sizeof(float) * rows * C);
@@ -198,7 +232,7 @@ int lmlab_gpt_decode_f32(const int64_t *weights, const int64_t *caches, int64_t 
             #pragma omp for schedule(static)
             for (int64_t mh = 0; mh < rows * n_head; mh++) {  /* this step's keys and values */
                 const int64_t m = mh / n_head, h = mh % n_head, b = m / T, t = m % T;
-                const int64_t at = ((b * n_head + h) * max_len + position + t) * D;
+                const int64_t at = ((b * n_head + h) * max_len + starts[b] + t) * D;
                 for (int64_t d = 0; d < D; d++) {
                     keys[at + d] = qkv[m * 3 * C + C + h * D + d];
                     values[at + d] = qkv[m * 3 * C + 2 * C + h * D + d];
@@ -206,35 +240,11 @@ int lmlab_gpt_decode_f32(const int64_t *weights, const int64_t *caches, int64_t 
             }
             #pragma omp for schedule(static)
             for (int64_t mh = 0; mh < rows * n_head; mh++) {  /* attention, one (token, head) each */
-                const int64_t m = mh / n_head, h = mh % n_head, b = m / T, own = position + m % T;
-                const float *q = qkv + m * 3 * C + h * D;
-                const float *k_cache = keys + (b * n_head + h) * max_len * D;
-                const float *v_cache = values + (b * n_head + h) * max_len * D;
-                float *score = scores + mh * S, top = -INFINITY;
-                for (int64_t s = 0; s <= own; s++) {
-                    if (mask && !mask[b * S + s] && s != own) { score[s] = -INFINITY; continue; }
-                    score[s] = dot(k_cache + s * D, q, D) * scale;
-                    if (score[s] > top) top = score[s];
-                }
-                float total = 0.0f;
-                int64_t s = 0;
-                for (; s + 8 <= own + 1; s += 8) {
-                    const __m256 v = _mm256_loadu_ps(score + s);
-                    const __m256 masked = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
-                    const __m256 e = _mm256_blendv_ps(exp8(_mm256_sub_ps(v, _mm256_set1_ps(top))),
-                                                      _mm256_setzero_ps(), masked);
-                    _mm256_storeu_ps(score + s, e);
-                }
-                for (; s <= own; s++)
-                    score[s] = score[s] == -INFINITY ? 0.0f : expf(score[s] - top);
-                for (s = 0; s <= own; s++) total += score[s];
-                float *out = heads + m * C + h * D;
-                for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-                for (s = 0; s <= own; s++) {
-                    const float weight = score[s] / total, *v = v_cache + s * D;
-                    if (weight != 0.0f)
-                        for (int64_t d = 0; d < D; d++) out[d] += weight * v[d];
-                }
+                const int64_t m = mh / n_head, h = mh % n_head, b = m / T;
+                attend(qkv + m * 3 * C + h * D, keys + (b * n_head + h) * max_len * D,
+                       values + (b * n_head + h) * max_len * D, starts[b] + m % T,
+                       valid ? valid + b * max_len : NULL, D, scale, scores + mh * S,
+                       heads + m * C + h * D);
             }
             products(heads, rows, C, p[PROJ_W], C, p[PROJ_B], x, 1);
             layer_norm_rows(x, rows, C, p[LN2_W], p[LN2_B], eps, normed);

@@ -2,22 +2,22 @@
 
 Module names equal the Hugging Face GPT-2 checkpoint names (wte, wpe, h.N.attn.c_attn, …), so the
 conversion in `models/hf.py` is a prefix plus a transpose list. The model only computes logits
-(or hidden states); losses live in `lmlab.tasks`, decoding in `lmlab.generation`.
+(or hidden states); losses live in `lmlab.tasks`, decoding in `lmlab.generation` (which drives
+`forward` with a KV cache), and the CPU speed layer in `lmlab.kernels`, which runs this model's
+arithmetic in C where that applies — this file is the reference it is tested against.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from lmlab import kernels
 from lmlab.errors import ConfigError
-from lmlab.models.kv_cache import KVCache
-from lmlab.models.layers import ACTIVATIONS, Linear, label_names, attention, padded_causal_mask
+from lmlab.models.kv_cache import CacheStep, KVCache
+from lmlab.models.layers import ACTIVATIONS, label_names, attention, padded_causal_mask
 
 
 @dataclass
@@ -77,24 +77,18 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x, *, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
+    def forward(self, x, *, layer: int, mask: torch.Tensor | None, is_causal: bool,
+                cache: KVCache | None = None, step: CacheStep | None = None):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, S, hs): everything up to this step
-        # A single query attending to the whole cache needs no mask; a multi-token step on top
-        # of a filled cache needs an explicit one, because SDPA's is_causal aligns top-left.
-        is_causal = mask is None and T > 1
-        if is_causal and cache is not None and k.shape[2] != T:
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(
-                k.shape[2] - T
-            )
+            k, v = cache.update(layer, k, v, step)  # (B, nh, S, hs): every row's past and now
         dropout = self.attn_dropout if self.training else 0.0
         y = attention(q, k, v, mask=mask, is_causal=is_causal, dropout=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh·hs)
@@ -104,8 +98,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, config.n_inner, bias=config.bias)
-        self.c_proj = Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
         self.act = ACTIVATIONS[config.activation]
         self.dropout = nn.Dropout(config.resid_dropout)
 
@@ -123,16 +117,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, *, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
-        x = x + self.attn(self.ln_1(x), layer=layer, cache=cache, mask=mask)
+    def forward(self, x, *, layer: int, mask: torch.Tensor | None, is_causal: bool,
+                cache: KVCache | None = None, step: CacheStep | None = None):
+        x = x + self.attn(self.ln_1(x), layer=layer, mask=mask, is_causal=is_causal, cache=cache,
+                          step=step)
         return x + self.mlp(self.ln_2(x))
-
-
-def _cpu_autocast() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
 
 
 class GPT(nn.Module):
@@ -144,7 +133,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.embd_dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
         if not any(p.is_meta for p in self.parameters()):
@@ -163,52 +152,6 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     # -- forward -------------------------------------------------------------------------------
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Final (layer-normed) hidden states (B, T, n_embd).
-
-        `attention_mask` (B, S) marks real tokens with 1 and (left) padding with 0 over every
-        position so far, cached ones included; positions then default to counting real tokens
-        only, as transformers does for left-padded batches.
-        """
-        T = input_ids.shape[1]
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = padded_causal_mask(attention_mask, T)
-        x = self.drop(self._embed(input_ids, positions, cache, attention_mask))
-        for i, block in enumerate(self.h):
-            x = block(x, layer=i, cache=cache, mask=mask)
-        if cache is not None:
-            cache.advance(T)
-        return self.ln_f(x)
-
-    def _embed(self, input_ids, positions, cache, attention_mask) -> torch.Tensor:
-        """Token + position embeddings (B, T, n_embd) of tokens fed at the cache's length."""
-        B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        # Positions never exceed start + T - 1 (left padding only lowers them), so this check
-        # needs no device sync; explicit positions are checked as given.
-        self._check_position(start + T - 1 if positions is None else int(positions.max()))
-        if positions is None:
-            if attention_mask is not None:
-                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-            else:
-                positions = torch.arange(start, start + T, device=input_ids.device)[None]
-        return self.wte(input_ids) + self.wpe(positions)
-
-    def _check_position(self, last: int) -> None:
-        if last >= self.config.n_positions:
-            raise ValueError(
-                f"sequence needs position {last}, but the model's context window "
-                f"(n_positions) is {self.config.n_positions}"
-            )
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -220,24 +163,74 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size); (B, 1, vocab_size) with `last_only` (decoding needs only
         the last position, and the LM head is the largest matmul of a prompt's forward pass)."""
-        B, T = input_ids.shape
-        decoder = None if cache is None or self.training else self._fused_decoder(cache, B, B * T)
-        if decoder is not None:  # a few tokens on top of a cache, inside decoding: one C call
-            x = self._embed(input_ids, positions, cache, attention_mask).reshape(B * T, -1)
-            if attention_mask is not None and bool(attention_mask.all()):
-                attention_mask = None
-            logits = decoder.step(x, cache.keys, cache.values, position=cache.length,
-                                  tokens_per_row=T, mask=attention_mask).view(B, T, -1)
-            cache.advance(T)
-            return logits[:, -1:] if last_only else logits
-        hidden = self.hidden_states(
-            input_ids, positions=positions, cache=cache, attention_mask=attention_mask
-        )
+        hidden = self.hidden_states(input_ids, positions=positions, cache=cache,
+                                    attention_mask=attention_mask)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)
 
-    # -- decoding support ----------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final (layer-normed) hidden states (B, T, n_embd).
+
+        `attention_mask` (B, T) marks real tokens with 1 and (left) padding with 0; positions
+        then count real tokens only, as transformers does for left-padded batches. With a
+        `cache`, the tokens continue each row of it (decoding): the cache knows every row's
+        past, so the mask covers the new tokens only (a (B, past + T) mask, as transformers
+        takes it, is accepted too: its last T columns are used).
+        """
+        T = input_ids.shape[1]
+        if attention_mask is not None and attention_mask.shape[1] != T:
+            attention_mask = attention_mask[:, -T:]
+        # Computed positions never exceed this bound (padding only lowers them); given ones
+        # are checked as given.
+        bound = None if positions is None else self.config.n_positions
+        step = None
+        if cache is not None:
+            step = cache.begin(T, attention_mask)
+            mask, is_causal = step.mask, step.is_causal
+            positions = step.positions if positions is None else positions
+            bound = bound or cache.length + T - 1
+        else:
+            mask = None
+            if attention_mask is not None and not bool(attention_mask.all()):
+                mask = padded_causal_mask(attention_mask, T)
+            is_causal = mask is None and T > 1
+            if positions is None:
+                positions = (torch.arange(T, device=input_ids.device)[None] if attention_mask is None
+                             else (attention_mask.long().cumsum(-1) - 1).clamp(min=0))
+            bound = bound or T - 1
+        self.check_positions(positions, bound=bound)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        for i, block in enumerate(self.h):
+            x = block(x, layer=i, mask=mask, is_causal=is_causal, cache=cache, step=step)
+        if cache is not None:
+            cache.commit(step)
+        return self.ln_f(x)
+
+    def check_positions(self, positions: torch.Tensor, *, bound: int) -> None:
+        """Positions never exceed `bound` (padding only lowers them), so the check reads the
+        tensor — a device sync on a GPU — only when that bound is past the window."""
+        if bound >= self.config.n_positions and positions.numel():
+            last = int(positions.max())
+            if last >= self.config.n_positions:
+                raise ValueError(
+                    f"sequence needs position {last}, but the model's context window "
+                    f"(n_positions) is {self.config.n_positions}"
+                )
+
+    # -- decoding support (lmlab.generation's decoder protocol) --------------------------------
+    @property
+    def context_window(self) -> int:
+        """Positions a sequence may use, prompt and new tokens together."""
+        return self.config.n_positions
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         param = self.wte.weight
         return KVCache(
@@ -249,147 +242,6 @@ class GPT(nn.Module):
             dtype=param.dtype,
             device=param.device,
         )
-
-    def decode_step(self, token: torch.Tensor, cache: KVCache,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, vocab_size) for one new token per row, `token` (B, 1), at the cache's next
-        position — `forward(token, cache=cache, attention_mask=...)[:, -1]`.
-
-        Decoding a small model spends much of a token's time in the glue around the arithmetic.
-        Inside decoding on CPU (see `_fused_decoder`) the whole step is one call into
-        lmlab's C kernel, as forward's is there: the module path's arithmetic in another
-        summation order (logits equal to ~1e-6). Otherwise this path keeps only what one query
-        needs — no causal-mask or position-range construction, no dropout modules, no
-        (B, T, 3, nh, hs) permutes — still calling the layers as modules so that hooks and
-        replaced layers work. Either way, forward's numbers bit for bit.
-        """
-        if self.training:  # dropout is active: the full path
-            return self(token, cache=cache, attention_mask=attention_mask)[:, -1]
-        position = cache.length
-        self._check_position(position)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            # Left padding: the new token is real, so it may attend to every non-pad key.
-            mask = attention_mask.bool()[:, None, None, :]
-            positions = (attention_mask.long().sum(-1) - 1).clamp(min=0)
-            x = self.wte(token[:, 0]) + self.wpe(positions)
-        else:
-            x = self.wte(token[:, 0]) + self.wpe.weight[position]
-        batch, n_head, head_dim = len(token), self.config.n_head, self.config.head_dim
-        decoder = self._fused_decoder(cache, batch, batch)
-        if decoder is not None:
-            logits = decoder.step(x, cache.keys, cache.values, position=position,
-                                  mask=None if mask is None else attention_mask)
-            cache.advance(1)
-            return logits
-        for i, block in enumerate(self.h):
-            qkv = block.attn.c_attn(block.ln_1(x)).view(batch, 3, n_head, 1, head_dim)
-            k, v = cache.update(i, qkv[:, 1], qkv[:, 2])
-            y = attention(qkv[:, 0], k, v, mask=mask, is_causal=False)
-            x = x + block.attn.c_proj(y.reshape(batch, -1))
-            mlp = block.mlp
-            x = x + mlp.c_proj(mlp.act(mlp.c_fc(block.ln_2(x))))
-        cache.advance(1)
-        return self.lm_head(self.ln_f(x))
-
-    # The fused decode step (lmlab/kernels): one C call for every block, the final LayerNorm and
-    # the head, instead of ~16 tensor operations per block. Taken only inside decoding
-    # (packed_inference: CPU, fp32, no autograd) for a few rows, and only for the stock
-    # architecture — a replaced layer (LoRA), a hook or autocast means the module path, which
-    # stays the reference the fused step is tested against.
-    def _fused_decoder(self, cache: KVCache, batch: int, rows: int) -> kernels.GPTDecoder | None:
-        if not (self.lm_head._decoding and rows <= kernels.FUSED_MAX_ROWS and kernels.available()
-                and not torch.is_grad_enabled() and not _cpu_autocast()):
-            return None
-        plan = getattr(self, "_decode_plan", None)  # memo for one packed_inference block
-        if plan is None:
-            plan = self._decode_plan = self._stock_architecture() and kernels.GPTDecoder(
-                [self._block_tensors(block) for block in self.h], head=self.lm_head.weight,
-                ln_f=(self.ln_f.weight, self.ln_f.bias), eps=self.config.layer_norm_epsilon,
-                activation=self.config.activation)
-        return plan if plan and plan.accepts(cache.keys, cache.values, batch) else None
-
-    def _stock_architecture(self) -> bool:
-        if torch.nn.modules.module._global_forward_hooks or \
-                torch.nn.modules.module._global_forward_pre_hooks:
-            return False
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
-            return False
-        for block in self.h:
-            if "forward" in vars(block):  # replaced, e.g. by activation checkpointing
-                return False
-            parts = (block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2,
-                     block.mlp.c_fc, block.mlp.c_proj)
-            if tuple(map(type, parts)) != (nn.LayerNorm, Linear, Linear, nn.LayerNorm, Linear, Linear):
-                return False
-            if block.mlp.act is not ACTIVATIONS[self.config.activation]:
-                return False
-        return (type(self.ln_f) is nn.LayerNorm and type(self.lm_head) is Linear
-                and self.config.activation in kernels.GPT_ACTIVATIONS
-                and all(map(_fp32_cpu_contiguous, self.parameters())))
-
-    # -- training support ----------------------------------------------------------------------
-    def fused_lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-        """The summed next-token cross-entropy of `labels` given `input_ids` (both (B, T)),
-        computed with autograd by lmlab's C training step (lmlab/kernels/train_f32.c) — without
-        grad mode (evaluation), by its forward pass alone — or None where that step does not
-        apply, and the caller takes logits from `forward`.
-
-        A small model's eager step is mostly dispatch and badly split small products; the C
-        step gives each thread whole sequences and single-threaded BLAS (nanoGPT's Shakespeare
-        recipe: ~20 instead of ~29 ms a step here). It applies to the stock architecture on CPU
-        in fp32 without active dropout or autocast, with at least one sequence per thread; the
-        module path stays the reference it is tested against (gradients equal to ~1e-6; the
-        summation order differs, so the two are not bit-identical).
-        """
-        c = self.config
-        if not ((not self.training or c.embd_dropout == c.resid_dropout == c.attn_dropout == 0.0)
-                and not _cpu_autocast()
-                and input_ids.dim() == 2 and labels.shape == input_ids.shape
-                and input_ids.dtype == labels.dtype == torch.long
-                and input_ids.device.type == labels.device.type == "cpu"
-                and kernels.training_available()):
-            return None
-        batch, T = input_ids.shape
-        plan = self._fused_training_plan()
-        shards = kernels.training_shards(batch, plan.n_params) if plan else 0
-        attention = c.n_layer * batch * c.n_head * T * T
-        if shards == 0 or T > c.n_positions or attention > kernels.TRAIN_MAX_ATTENTION_FLOATS:
-            return None
-        # Out-of-range ids would be read as addresses in C; forward raises the proper error.
-        if (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size
-                or int(labels.min()) < 0 or int(labels.max()) >= c.vocab_size):
-            return None
-        pool = self.__dict__.setdefault("_train_buffers", {})
-        return kernels.gpt_causal_lm_loss(
-            plan.layers, wte=self.wte.weight, wpe=self.wpe.weight,
-            ln_f=(self.ln_f.weight, self.ln_f.bias), head=self.lm_head.weight, n_head=c.n_head,
-            eps=c.layer_norm_epsilon, activation=c.activation, input_ids=input_ids,
-            labels=labels, shards=shards, pool=pool)
-
-    def _fused_training_plan(self) -> _TrainingPlan | None:
-        """The per-block tensors and parameter count of the stock architecture (None if it is
-        not), memoised: walking the module tree through nn.Module attributes costs ~0.7 ms a
-        step (3% of the Shakespeare recipe's), checking that it has not changed ~0.05 ms."""
-        plan = self.__dict__.get("_training_plan")
-        if plan is not None and plan.activation == self.config.activation and plan.tree.unchanged():
-            return plan
-        plan = _TrainingPlan(self) if self._stock_architecture() else None
-        self.__dict__["_training_plan"] = plan
-        return plan
-
-    @staticmethod
-    def _block_tensors(block: Block) -> tuple:
-        attn, mlp = block.attn, block.mlp
-        return (block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias,
-                attn.c_proj.weight, attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias,
-                mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias)
-
-    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Prompt + new tokens, like transformers' generate; see lmlab.generation.generate."""
-        from lmlab.generation import generate  # generation builds on models, not the reverse
-
-        return generate(self, input_ids, **kwargs)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory, *, tokenizer=None) -> None:
@@ -414,7 +266,6 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * c.n_layer * c.n_embd * seq_len
 
 
-
 class GPTForSequenceClassification(nn.Module):
     """GPT with a linear `score` head (no bias) on the hidden state of each row's last real
     token — the only position that has seen the whole text in a causal model — as transformers'
@@ -426,7 +277,7 @@ class GPTForSequenceClassification(nn.Module):
         self.config = config
         self.transformer = GPT(config)
         self.transformer.lm_head = None  # unused here; HF's classifier has no LM head either
-        self.score = Linear(config.n_embd, config.num_labels, bias=False)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
         if not self.score.weight.is_meta:
             nn.init.normal_(self.score.weight, mean=0.0, std=config.initializer_range)
 
@@ -471,41 +322,3 @@ class GPTForSequenceClassification(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-class _ModuleTree:
-    """A module tree's structure as plain references — every module's children, parameters
-    and hooks — to tell cheaply (dict lookups, no nn.Module.__getattr__) whether anything that
-    decides the fused path has changed since: a replaced or added layer or parameter, a hook,
-    a patched forward, parameters moved to another dtype, device or layout."""
-
-    def __init__(self, root: nn.Module):
-        self.modules = [(m, list(m._modules.values()), list(m._parameters.values()))
-                        for m in root.modules()]
-        self.parameters = [p for _, _, params in self.modules for p in params if p is not None]
-
-    def unchanged(self) -> bool:
-        if (torch.nn.modules.module._global_forward_hooks
-                or torch.nn.modules.module._global_forward_pre_hooks):
-            return False
-        for module, children, params in self.modules:
-            if (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-                    or len(module._modules) != len(children)
-                    or len(module._parameters) != len(params)
-                    or not all(map(operator.is_, module._modules.values(), children))
-                    or not all(map(operator.is_, module._parameters.values(), params))):
-                return False
-        return all(map(_fp32_cpu_contiguous, self.parameters))
-
-
-class _TrainingPlan:
-    def __init__(self, model: GPT):
-        self.tree = _ModuleTree(model)
-        self.activation = model.config.activation  # what the C step computes, checked each call
-        self.layers = [model._block_tensors(block) for block in model.h]
-        self.n_params = sum(p.numel() for p in model.parameters())
-
-
-def _fp32_cpu_contiguous(p: torch.Tensor) -> bool:
-    """What the fused C steps read a parameter as."""
-    return p.is_cpu and p.dtype == torch.float32 and p.is_contiguous()

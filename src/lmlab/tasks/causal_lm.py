@@ -7,9 +7,14 @@ import math
 import numpy as np
 import torch
 
+from typing import Callable
+
 from lmlab.data.dataset import iter_eval_batches, sample_batch
-from lmlab.models.gpt import GPT
 from lmlab.tasks.losses import summed_cross_entropy
+
+# (input_ids, labels) -> the summed loss, or None where it does not apply (the CPU speed
+# layer's lmlab.kernels.FusedCausalLMLoss is one); it serves one model, `fast_loss.model`.
+FastLoss = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 class CausalLMTask:
@@ -27,6 +32,7 @@ class CausalLMTask:
         eval_batch_size: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        fast_loss: FastLoss | None = None,
     ):
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.block_size, self.batch_size, self.grad_accum = block_size, batch_size, grad_accum
@@ -34,6 +40,7 @@ class CausalLMTask:
         self.eval_tokens = eval_tokens
         self.eval_batch_size = eval_batch_size or max(batch_size, 32)
         self.rank, self.world_size = rank, world_size
+        self.fast_loss = fast_loss
 
     @property
     def tokens_per_step(self) -> int:
@@ -61,11 +68,11 @@ class CausalLMTask:
         return batch["labels"].numel()
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed cross-entropy over every target token (the loop normalises). A plain GPT
-        (not wrapped for DDP/FSDP or compiled) trains through its fused C step where that
-        applies (GPT.fused_lm_loss)."""
-        if type(model) is GPT:
-            fused = model.fused_lm_loss(batch["input_ids"], batch["labels"])
+        """Summed cross-entropy over every target token (the loop normalises). The model
+        itself — not wrapped for DDP/FSDP or compiled — takes `fast_loss` where that applies
+        (the C training step)."""
+        if self.fast_loss is not None and model is self.fast_loss.model:
+            fused = self.fast_loss(batch["input_ids"], batch["labels"])
             if fused is not None:
                 return fused
         logits = model(batch["input_ids"])

@@ -73,6 +73,7 @@ class LoopConfig:
     lr_schedule: str = "cosine"  # after warmup: cosine or linear to min_lr, or constant
     eval_at_start: bool = True  # evaluate before step 0 on fresh runs
     compile: bool = False  # torch.compile the training forward
+    cpu_kernels: bool = True  # the CPU speed layer where it applies (lmlab/kernels/__init__.py)
 
     def __post_init__(self):
         if self.lr_schedule not in SCHEDULES:
@@ -169,14 +170,14 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.wrapped = self.dist.wrap(self.model, self.device)
         self.runnable = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
-        # One process: parameters (CPU) laid out in one buffer, so the optimizer and the
-        # clipping treat them, and the C step's gradients, as one tensor. DDP/FSDP manage their
-        # parameters' memory themselves.
+        # One process on the CPU: the speed layer's FlatAdamW lays the parameters out in one
+        # buffer, so the optimizer and the clipping treat them, and the C step's gradients, as
+        # one tensor. DDP/FSDP manage their parameters' memory themselves.
         self.optimizer = build_optimizer(self.model, lr=self.cfg.lr,
                                          weight_decay=self.cfg.weight_decay,
                                          betas=(self.cfg.beta1, self.cfg.beta2),
-                                         eps=self.cfg.adam_eps,
-                                         flatten=not self.dist.active)
+                                         eps=self.cfg.adam_eps, distributed=self.dist.active,
+                                         speed_layer=self.cfg.cpu_kernels)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.tracker = BestTracker(self.cfg.metric, self.cfg.higher_is_better,
                                    patience=self.cfg.early_stopping_patience,

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lmlab import kernels
 from lmlab.config import dump_yaml, read_yaml
 from lmlab.data.dataset import META_FILE, TokenDataset
 from lmlab.data.prepare import build_tokenizer, prepare_dataset
@@ -227,7 +228,7 @@ def build_bert(cfg: PretrainConfig, tokenizer: Tokenizer) -> BertForPreTraining 
 
 
 def build_task(cfg: PretrainConfig, dataset: TokenDataset, device: torch.device, rank: int,
-               world_size: int) -> CausalLMTask | MaskedLMTask:
+               world_size: int, model=None) -> CausalLMTask | MaskedLMTask:
     """The objective: this rank's slice of every global batch, and the evaluation."""
     has_val = bool(dataset.meta.splits.get("val")) and \
         dataset.meta.splits["val"].tokens > cfg.block_size
@@ -246,6 +247,7 @@ def build_task(cfg: PretrainConfig, dataset: TokenDataset, device: torch.device,
         train_tokens=dataset.split("train"), val_tokens=val, block_size=cfg.block_size,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed, device=device,
         eval_tokens=cfg.eval_tokens, rank=rank, world_size=world_size,
+        fast_loss=kernels.training_loss_adapter(model) if model is not None else None,
     )
 
 
@@ -295,7 +297,7 @@ def pretrain(cfg: PretrainConfig, *, run_dir: str | Path, resume: bool = False,
             checkpoint_blocks(model)
         model = model.to(device)
         _seed_everything(cfg.seed + dist.rank)
-        task = build_task(cfg, dataset, device, dist.rank, dist.world_size)
+        task = build_task(cfg, dataset, device, dist.rank, dist.world_size, model)
         flops_per_token = getattr(model, "flops_per_token", None)
         result = train(
             model, task, cfg.loop_config(progress=progress), run_dir=run_dir, device=device,

@@ -1,0 +1,211 @@
+"""`generate`, `generate_tokens` and `stream`: decoding calls, all run on the engine.
+
+`generate_tokens` is the one token iterator the CLI streams from; `stream` adds each row's
+incrementally decoded text; `generate` collects prompt + new tokens, padded like transformers'
+output, for greedy decoding, sampling, beam search — and speculative decoding, which runs two
+models' caches side by side (lmlab.generation.speculative).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from lmlab.generation.config import GenerationConfig
+from lmlab.generation.engine import Engine, Row
+from lmlab.generation.protocol import check_decoder, default_token_id, model_device
+from lmlab.generation.speculative import speculative_generate
+
+log = logging.getLogger(__name__)
+
+
+def _prepare(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """Inputs on the model's device (a prompt built on the CPU for a model on a GPU, the usual
+    pattern, follows the model as in transformers, with a note in the log)."""
+    check_decoder(model)
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    device = model_device(model)
+    if input_ids.device != device:
+        log.info("input_ids are on %s, the model on %s: moving them to the model",
+                 input_ids.device, device)
+        input_ids = input_ids.to(device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+    return input_ids, attention_mask
+
+
+def _engine(model, input_ids, config: GenerationConfig, *, tokenizer, cpu_kernels: bool,
+            rows_per_prompt: int) -> Engine:
+    prompt_len = input_ids.shape[1]
+    return Engine(model, max_rows=len(input_ids) * rows_per_prompt,
+                  max_len=prompt_len + config.budget(prompt_len, model=model),
+                  tokenizer=tokenizer, cpu_kernels=cpu_kernels)
+
+
+def generate_tokens(
+    model,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    tokenizer=None,
+    cpu_kernels: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), one step at a time (greedy or sampling).
+
+    Rows that are done (EOS, a stop string) get `pad_token_id` afterwards; the iterator stops when
+    every row is done or the length budget is spent. Lengths are checked here, at the call, not
+    at the first `next()`.
+    """
+    if config.num_beams > 1:
+        raise ValueError("generate_tokens streams greedy decoding or sampling; beam search's "
+                         "tokens are final only at its end — use generate()")
+    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
+    engine = _engine(model, input_ids, config, tokenizer=tokenizer, cpu_kernels=cpu_kernels,
+                     rows_per_prompt=config.num_return_sequences)
+    rows = engine.add(input_ids, config, attention_mask=attention_mask)
+    return _token_steps(engine, rows, config.pad_id)
+
+
+def _token_steps(engine: Engine, rows: list[Row], pad: int) -> Iterator[torch.Tensor]:
+    position = {id(row): i for i, row in enumerate(rows)}
+    while engine.busy:
+        step = torch.full((len(rows),), pad, dtype=torch.long, device=engine.device)
+        events = engine.step()
+        if not events:
+            continue
+        for event in events:
+            step[position[id(event.row)]] = event.token
+        yield step
+
+
+@dataclass
+class StreamStep:
+    """One step of a text stream: each row's new token, and the text it completed.
+
+    A byte-level token can end in the middle of a UTF-8 character; its text is then held back
+    ('') until the character is complete, so no chunk ever contains a broken character. The last
+    step may carry no tokens, only the text still held back when decoding ended.
+    """
+
+    token_ids: list[int]
+    texts: list[str]
+
+
+def stream(
+    model,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    tokenizer,
+    attention_mask: torch.Tensor | None = None,
+    cpu_kernels: bool = True,
+) -> Iterator[StreamStep]:
+    """generate_tokens, with each row's incrementally decoded text (what the CLI prints)."""
+    if config.num_beams > 1:
+        raise ValueError("stream decodes greedily or by sampling; use generate() for beam search")
+    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
+    engine = _engine(model, input_ids, config, tokenizer=tokenizer, cpu_kernels=cpu_kernels,
+                     rows_per_prompt=config.num_return_sequences)
+    rows = engine.add(input_ids, config, attention_mask=attention_mask, stream_text=True)
+
+    def steps() -> Iterator[StreamStep]:
+        position = {id(row): i for i, row in enumerate(rows)}
+        while engine.busy:
+            events = engine.step()
+            if not events:
+                continue
+            ids, texts = [config.pad_id] * len(rows), [""] * len(rows)
+            for event in events:
+                ids[position[id(event.row)]] = event.token
+                texts[position[id(event.row)]] = event.text
+            yield StreamStep(token_ids=ids, texts=texts)
+        tail = [row.text.flush() for row in rows]
+        if any(tail):
+            yield StreamStep(token_ids=[], texts=tail)
+
+    return steps()
+
+
+def beam_search(model, input_ids: torch.Tensor, config: GenerationConfig, *,
+                attention_mask: torch.Tensor | None = None,
+                cpu_kernels: bool = True) -> torch.Tensor:
+    """Prompt + generated tokens, (B · num_return_sequences, prompt_len + L), the best hypotheses
+    of each prompt first; shorter hypotheses are padded with `pad_token_id` (else the first EOS).
+
+    `attention_mask` (B, prompt_len) marks left padding with 0. With `do_sample=True` this is
+    transformers' beam sampling: candidates are drawn from the processed and warped scores.
+    """
+    if config.num_beams < 2:
+        raise ValueError(f"beam_search needs num_beams >= 2, got {config.num_beams}; use "
+                         "generate_tokens for greedy decoding or sampling")
+    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
+    engine = _engine(model, input_ids, config, tokenizer=None, cpu_kernels=cpu_kernels,
+                     rows_per_prompt=config.num_beams)
+    rows = engine.add(input_ids, config, attention_mask=attention_mask)
+    engine.run()
+    if not rows[0].tokens:  # nothing to generate
+        return input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+    return rows[0].group.output()
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    tokenizer=None,
+    draft_model=None,
+    num_draft_tokens: int = 4,
+    stats: dict | None = None,
+    cpu_kernels: bool = True,
+    **knobs,
+) -> torch.Tensor:
+    """Prompt + generated tokens, padded like transformers' output.
+
+    `knobs` are GenerationConfig's fields (transformers' names: max_new_tokens, do_sample, top_p,
+    num_beams, …); an unknown name is a TypeError. `eos_token_id` and `pad_token_id` default to
+    the model config's; pass eos_token_id=[] to never stop early. `tokenizer` is needed for
+    `stop_strings`; `draft_model` turns on speculative decoding (`num_draft_tokens` proposals per
+    round; a dict passed as `stats` receives the acceptance rate). `cpu_kernels=False` keeps the
+    CPU speed layer off. The output is on the model's device.
+    """
+    if eos_token_id is None:
+        eos_token_id = default_token_id(model, "eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = default_token_id(model, "pad_token_id")
+    config = GenerationConfig(
+        eos_token_id=[] if eos_token_id is None else eos_token_id,
+        pad_token_id=pad_token_id,
+        **knobs,
+    )
+    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
+    if draft_model is not None:
+        if config.num_beams > 1:
+            raise ValueError("speculative decoding (draft_model) does not combine with "
+                             "num_beams > 1")
+        return speculative_generate(model, draft_model, input_ids, config,
+                                    attention_mask=attention_mask,
+                                    num_draft_tokens=num_draft_tokens, stats=stats,
+                                    cpu_kernels=cpu_kernels)
+    if config.num_beams > 1:
+        return beam_search(model, input_ids, config, attention_mask=attention_mask,
+                           cpu_kernels=cpu_kernels)
+    engine = _engine(model, input_ids, config, tokenizer=tokenizer, cpu_kernels=cpu_kernels,
+                     rows_per_prompt=config.num_return_sequences)
+    rows = engine.add(input_ids, config, attention_mask=attention_mask)
+    engine.run()
+    prompts = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+    width = max(len(row.tokens) for row in rows)
+    new = torch.full((len(rows), width), config.pad_id, dtype=torch.long, device=input_ids.device)
+    for i, row in enumerate(rows):
+        if row.tokens:
+            new[i, :len(row.tokens)] = torch.tensor(row.tokens, device=input_ids.device)
+    return torch.cat([prompts, new], dim=1)
