@@ -40,7 +40,7 @@ from lmlab.generation.beam import BeamState, CandidateSampler
 from lmlab.generation.config import GenerationConfig
 from lmlab.generation.processors import apply_processors
 from lmlab.generation.protocol import check_decoder, model_device
-from lmlab.generation.sampling import TokenSampler, row_generator, sample_from
+from lmlab.generation.sampling import row_generator, sample_from
 from lmlab.generation.stopping import StopStrings
 
 

@@ -13,13 +13,13 @@ to train), so `models/hf.py` concatenates / splits them. Losses live in `lmlab.t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
+from lmlab.models.base import PreTrainedModel
 from lmlab.models.layers import ACTIVATIONS, label_names, attention
 
 
@@ -176,8 +176,9 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask.bool()[:, None, None, :]
 
 
-class BertPreTrainedModel(nn.Module):
-    """What every BERT model shares: BERT initialisation, parameter counting and saving."""
+class BertPreTrainedModel(PreTrainedModel):
+    """What every BERT model shares: BERT initialisation and parameter counting (saving and
+    `from_encoder` come from PreTrainedModel)."""
 
     config: BertConfig
 
@@ -212,20 +213,6 @@ class BertPreTrainedModel(nn.Module):
         c = self.config
         d, L = c.hidden_size, c.num_hidden_layers
         return 6 * L * (4 * d * d + 2 * d * c.intermediate_size) + 12 * L * d * seq_len
-
-    def save_pretrained(self, directory, *, tokenizer=None) -> None:
-        from lmlab.models.hf import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer)
-
-    @classmethod
-    def from_encoder(cls, path: str | Path, **config_overrides):
-        """This model with the encoder (and any matching head) of the BERT checkpoint at `path`;
-        weights the checkpoint lacks (a new task head) are freshly initialised and listed in
-        the log, like transformers' "newly initialized" warning."""
-        from lmlab.models.hf import load_bert_encoder
-
-        return load_bert_encoder(cls, Path(path), config_overrides)
 
 
 class BertModel(BertPreTrainedModel):

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.base import PreTrainedModel, checkpoint_io
 from lmlab.models.kv_cache import CacheStep, KVCache
 from lmlab.models.layers import ACTIVATIONS, label_names, attention, padded_causal_mask
 
@@ -124,7 +125,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(PreTrainedModel):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -243,13 +244,7 @@ class GPT(nn.Module):
             device=param.device,
         )
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def save_pretrained(self, directory, *, tokenizer=None) -> None:
-        """Write config.json + model.safetensors in the Hugging Face GPT-2 layout."""
-        from lmlab.models.hf import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer)
-
+    # -- size --------------------------------------------------------------------------------------
     def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
@@ -266,7 +261,7 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * c.n_layer * c.n_embd * seq_len
 
 
-class GPTForSequenceClassification(nn.Module):
+class GPTForSequenceClassification(PreTrainedModel):
     """GPT with a linear `score` head (no bias) on the hidden state of each row's last real
     token — the only position that has seen the whole text in a causal model — as transformers'
     GPT2ForSequenceClassification, whose checkpoints this loads and writes (`transformer.*` and
@@ -284,9 +279,7 @@ class GPTForSequenceClassification(nn.Module):
     @classmethod
     def from_backbone(cls, path, *, id2label: list[str]) -> GPTForSequenceClassification:
         """The GPT checkpoint at `path` with a fresh score head for `id2label`."""
-        from lmlab.models.hf import from_pretrained
-
-        backbone = from_pretrained(path)
+        backbone = checkpoint_io().from_pretrained(path)
         if not isinstance(backbone, GPT):
             raise ConfigError(f"{path}: expected a GPT language-model checkpoint, got "
                               f"{type(backbone).__name__}")
@@ -312,13 +305,6 @@ class GPTForSequenceClassification(nn.Module):
         else:
             last = torch.full((B,), T - 1, device=input_ids.device)
         return self.score(hidden[torch.arange(B, device=input_ids.device), last])
-
-    def save_pretrained(self, directory, *, tokenizer=None) -> None:
-        """Write config.json + model.safetensors in transformers' GPT2ForSequenceClassification
-        layout."""
-        from lmlab.models.hf import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
