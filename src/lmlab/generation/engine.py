@@ -334,9 +334,10 @@ class Engine:
 
     # -- one step --------------------------------------------------------------------------------
     def step(self) -> list[Event]:
-        """One token for every running row, and the first for the rows that join now."""
+        """One token for every running row, and the first for the rows that join now; rows
+        that finish (or were cancelled) leave the batch."""
         with self._lock, torch.inference_mode():
-            self._retire()
+            self._retire()  # rows cancelled since the last step
             continuing = len(self.running)
             joining = self._admit()
             if not self.running:
@@ -358,6 +359,7 @@ class Engine:
                 if source is not None:  # beams continue other beams: copy their cache rows
                     self.runner.cache.copy_rows([rows[i].slot for i in source], slots)
                 events.extend(self._record(group, rows, tokens.tolist()))
+            self._retire()
             return events
 
     def _running_groups(self) -> list[tuple[_Group, list[Row]]]:
