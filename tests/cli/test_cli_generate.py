@@ -81,3 +81,11 @@ def test_compare_prints_every_strategy_with_its_figures(capsys, model_dir):
 def test_bad_generate_flags(capsys, model_dir, argv, names):
     assert_usage_error(capsys, "generate", "--model", model_dir, "--prompt", "def ", *argv,
                        names=names)
+
+
+def test_a_model_that_cannot_generate_is_one_line(capsys, tiny_bert_dir):
+    """A BERT encoder (or a classifier) has no decoder: one line naming --model, not an
+    AttributeError from deep inside."""
+    line = assert_usage_error(capsys, "generate", "--model", tiny_bert_dir, "--prompt", "hello",
+                              names=["--model", "cannot generate text"])
+    assert "Traceback" not in line

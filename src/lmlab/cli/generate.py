@@ -16,6 +16,8 @@ import torch
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.generation import GenerationConfig, generate, stream
+from lmlab.generation.config import DEFAULT_MAX_NEW_TOKENS
+from lmlab.generation.protocol import check_decoder
 from lmlab.models import from_pretrained
 from lmlab.tokenizer import Tokenizer
 
@@ -57,7 +59,8 @@ def _int_list(text: str) -> list[int]:
 
 # GenerationConfig field -> (type on the command line, help). The flag is --field-with-dashes.
 KNOBS = {
-    "max_new_tokens": (int, "number of tokens to generate (default 64)"),
+    "max_new_tokens": (int, f"number of tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}, "
+                            "the library's)"),
     "max_length": (int, "prompt + new tokens, instead of --max-new-tokens"),
     "min_new_tokens": (int, "EOS is forbidden before this many new tokens"),
     "num_beams": (int, "beam search with this many beams"),
@@ -134,7 +137,6 @@ def knobs_from(args, model) -> dict:
             knobs["logit_bias"] = {int(k): float(v) for k, v in knobs["logit_bias"].items()}
         except (AttributeError, TypeError, ValueError):
             raise ConfigError('--logit-bias: expected JSON {"token_id": bias, …}') from None
-    knobs.setdefault("max_new_tokens", None if "max_length" in knobs else 64)
     if "eos_token_id" not in knobs:
         knobs["eos_token_id"] = [] if model.config.eos_token_id is None else [model.config.eos_token_id]
     return knobs
@@ -145,9 +147,19 @@ def _config_error(err: ValueError) -> ConfigError:
     return ConfigError(message)
 
 
+def load_decoder(path: str, *, flag: str = "--model"):
+    """A model that can generate text, or a one-line error naming the flag."""
+    model = from_pretrained(path)
+    try:
+        check_decoder(model)
+    except TypeError as err:
+        raise ConfigError(f"{flag} {path}: {err}") from None
+    return model
+
+
 def run(args) -> int:
     prompts = read_prompts(args)
-    model = from_pretrained(args.model)
+    model = load_decoder(args.model)
     tokenizer = Tokenizer.from_pretrained(args.model)
     knobs = knobs_from(args, model)
     if args.compare is not None:
@@ -156,20 +168,16 @@ def run(args) -> int:
         config = GenerationConfig(**knobs)
     except ValueError as err:
         raise _config_error(err) from None
-    draft = from_pretrained(args.draft_model) if args.draft_model else None
+    draft = load_decoder(args.draft_model, flag="--draft-model") if args.draft_model else None
     for prompt in prompts:
         ids = torch.tensor([tokenizer.encode(prompt)])
-        try:
-            new = config.new_tokens_for(ids.shape[1])
+        try:  # the library's one context-window check, in the command line's words
+            config.budget(ids.shape[1], model=model)
         except ValueError as err:
-            raise ConfigError(f"--max-length: {err}") from None
-        if ids.shape[1] + new > model.config.n_positions:
-            budget = (f"--max-new-tokens {new}" if config.max_new_tokens is not None
-                      else f"--max-length {config.max_length}")
-            raise ConfigError(
-                f"--prompt is {ids.shape[1]} tokens; with {budget} that exceeds the "
-                f"model's context window of {model.config.n_positions} tokens"
-            )
+            budget = (f"--max-new-tokens {config.max_new_tokens}" if args.max_new_tokens
+                      else f"--max-length {config.max_length}" if config.max_length
+                      else f"the default of {DEFAULT_MAX_NEW_TOKENS} new tokens")
+            raise ConfigError(f"--prompt is {ids.shape[1]} tokens; with {budget}: {err}") from None
         streamable = config.num_beams == 1 and config.num_return_sequences == 1 and draft is None
         if streamable:  # one token iterator feeds the terminal as it goes
             sys.stdout.write(prompt)
@@ -201,7 +209,8 @@ def run_compare(args, model, tokenizer, prompts, knobs) -> int:
     try:
         results = compare_strategies(
             model, tokenizer, prompts, strategies=strategies,
-            max_new_tokens=knobs.get("max_new_tokens") or 64, seed=knobs.get("seed", 0),
+            max_new_tokens=knobs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS,
+            seed=knobs.get("seed", 0),
             eos_token_id=knobs["eos_token_id"],
         )
     except (ValueError, TypeError) as err:
