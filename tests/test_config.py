@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 
-from lmlab.config import convert_value, dump_yaml, from_dict, load_config, parse_overrides
+from lmlab.config import (build_config, convert_value, dump_yaml, from_dict, key_paths,
+                          load_config, parse_overrides, upgrade_saved)
 from lmlab.errors import ConfigError
 from lmlab.training.pretrain import PretrainConfig
 
@@ -27,6 +28,23 @@ class Example:
     limit: int | None = None
     mode: Literal["fast", "slow"] = "fast"
     sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Inner:
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"old_rate": "rate"}
+    rate: float = 0.1
+    depth: int = 2
+
+    def __post_init__(self):
+        if self.depth < 0:
+            raise ConfigError(f"depth must be >= 0, got {self.depth}")
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    inner: Inner = field(default_factory=lambda: Inner(rate=0.5))  # the parent's own default
 
 
 def write(path: Path, text: str) -> Path:
@@ -117,6 +135,66 @@ def test_string_rejects_mappings():
 def test_from_dict_unknown_key_suggests_the_close_one():
     with pytest.raises(ConfigError, match=r"here: unknown key 'stpes' \(did you mean 'steps'\?\)"):
         from_dict(Example, {"stpes": 3}, where="here")
+
+
+# -- nested sections ---------------------------------------------------------------------------
+@pytest.mark.parametrize("values", [{"depth": 7}, {"inner.depth": 7}, {"inner": {"depth": 7}}],
+                         ids=["flat", "dotted", "mapping"])
+def test_section_keys_flat_dotted_or_as_a_mapping(values):
+    cfg = from_dict(Outer, values)
+    assert cfg.inner == Inner(rate=0.5, depth=7)  # the rest of the section keeps its default
+
+
+def test_later_layers_win_whatever_the_spelling(tmp_path):
+    path = write(tmp_path / "c.yaml", "inner:\n  rate: 1.0\n  depth: 3\n")
+    cfg = load_config(Outer, path, {"rate": "2"})
+    assert cfg.inner == Inner(rate=2.0, depth=3)
+    assert build_config(Outer, [({"inner.rate": 3}, "a"), ({"inner": {"rate": 4}}, "b")]) \
+        .inner.rate == 4.0
+
+
+def test_section_errors_name_the_key():
+    with pytest.raises(ConfigError, match="'inner.depth': expected an integer, got 'x'"):
+        from_dict(Outer, {"inner.depth": "x"})
+    with pytest.raises(ConfigError, match="unknown key 'inner.nope'"):
+        from_dict(Outer, {"inner.nope": 1})
+    with pytest.raises(ConfigError, match="depth must be >= 0, got -1"):
+        from_dict(Outer, {"depth": -1})
+    with pytest.raises(ConfigError, match="'inner': expected a mapping"):
+        from_dict(Outer, {"inner": 3})
+
+
+def test_a_renamed_key_names_its_replacement(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(Outer, None, {"old_rate": "1"})
+    assert str(info.value) == "--old_rate: 'old_rate' was renamed to 'rate'; write rate instead"
+    with pytest.raises(ConfigError, match=r"c.yaml: 'old_rate' was renamed to 'rate'"):
+        load_config(Outer, write(tmp_path / "c.yaml", "old_rate: 1\n"))
+
+
+def test_saved_configs_follow_renames_and_drop_vanished_keys():
+    saved = {"name": "x", "old_rate": 0.7, "gone": 1, "inner": {"depth": 4, "also_gone": 2}}
+    assert upgrade_saved(Outer, saved) == {"name": "x", "rate": 0.7, "inner": {"depth": 4}}
+
+
+def test_key_paths_are_unique_across_the_nesting():
+    assert key_paths(Outer) == {"name": ("name",), "inner": ("inner",), "rate": ("inner", "rate"),
+                                "depth": ("inner", "depth")}
+
+    @dataclass
+    class Clash:
+        depth: int = 1
+        inner: Inner = field(default_factory=Inner)
+
+    with pytest.raises(ValueError, match="'depth' names both depth and inner.depth"):
+        key_paths(Clash)
+
+
+def test_dump_yaml_puts_sections_last_and_round_trips(tmp_path):
+    cfg = from_dict(Outer, {"name": "r", "rate": 0.25})
+    text = dump_yaml(cfg)
+    assert text == "name: r\ninner:\n  rate: 0.25\n  depth: 2\n"
+    assert load_config(Outer, write(tmp_path / "c.yaml", text)) == cfg
 
 
 # -- YAML files -------------------------------------------------------------------------------

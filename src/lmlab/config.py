@@ -3,12 +3,23 @@
 Keys are strict: an unknown key in a YAML file or on the command line is an error that names
 the file (or flag) and lists the keys that exist, because a silently ignored typo costs a whole
 training run. Values are converted to the field's declared type with a clear error on failure.
+
+Configs nest: a field whose type is itself a config dataclass is a *section* (a recipe's
+`optim`, the training loop's settings). A section's keys are written flat (`lr: 3e-4`,
+`--lr 3e-4`), dotted (`optim.lr: 3e-4`, `--optim.lr 3e-4`) or as a YAML mapping
+(`optim: {lr: 3e-4}`); that is why a name may appear only once across the nesting
+(`key_paths` refuses a config class where it does not). A section starts from the default its
+parent gives it — a fine-tuning recipe's learning rate is not pretraining's — and each key
+replaces one value in it. A config class may list `RENAMED_KEYS` (old name → new name): an old
+name is an error that names its replacement, except in a run's saved config, which a newer
+lmlab must still read (`upgrade_saved`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import types
 import typing
@@ -20,6 +31,7 @@ import yaml
 from lmlab.errors import ConfigError
 
 T = TypeVar("T")
+KeyPath = tuple[str, ...]  # ("optim", "lr"): where a key lives in a nested config
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -27,10 +39,84 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
+def _section(annotation: Any) -> type | None:
+    """The config class of a section field, or None for a plain value."""
+    return annotation if isinstance(annotation, type) and dataclasses.is_dataclass(annotation) \
+        else None
+
+
+@functools.cache
+def key_paths(cls: type) -> dict[str, KeyPath]:
+    """Every key `cls` accepts — plain fields, sections, and the fields inside sections — with
+    its path: {"lr": ("optim", "lr"), "optim": ("optim",), "data": ("data",), …}. A name used
+    twice anywhere in the nesting would make a flat key ambiguous: ValueError (a bug in the
+    config class, not in the user's input)."""
+    paths: dict[str, KeyPath] = {}
+
+    def walk(config: type, prefix: KeyPath) -> None:
+        for name, annotation in _field_types(config).items():
+            path = (*prefix, name)
+            if name in paths:
+                raise ValueError(f"{cls.__name__}: '{name}' names both {'.'.join(paths[name])} "
+                                 f"and {'.'.join(path)}; keys must be unique across the nesting")
+            paths[name] = path
+            if (section := _section(annotation)) is not None:
+                walk(section, path)
+
+    walk(cls, ())
+    return paths
+
+
+def renamed_keys(cls: type) -> dict[str, str]:
+    """Old key → its new name, for `cls` and every section in it."""
+    renamed = dict(getattr(cls, "RENAMED_KEYS", {}))
+    for annotation in _field_types(cls).values():
+        if (section := _section(annotation)) is not None:
+            renamed.update(renamed_keys(section))
+    return renamed
+
+
 def _unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"{where}: unknown key '{key}'{hint}; known keys: {', '.join(sorted(known))}")
+
+
+def _path_of(cls: type, key: str) -> KeyPath | None:
+    """The path of a flat or dotted key; None if `cls` does not know it."""
+    paths = key_paths(cls)
+    if key in paths:
+        return paths[key]
+    dotted = tuple(key.split("."))
+    return dotted if len(dotted) > 1 and paths.get(dotted[-1]) == dotted else None
+
+
+def _resolve(cls: type, values: dict[str, Any], where: str | None,
+             prefix: KeyPath = ()) -> dict[KeyPath, tuple[str, Any, str]]:
+    """{path: (key as written, value, where it came from)}; a section given as a mapping is
+    opened up. `where` None: command-line overrides (an unknown one is named --key)."""
+    found: dict[KeyPath, tuple[str, Any, str]] = {}
+    for key, value in values.items():
+        at = where or f"--{key}"
+        path = _path_of(cls, key)
+        if path is None:
+            renamed = renamed_keys(cls)
+            if key in renamed:
+                raise ConfigError(f"{at}: '{key}' was renamed to '{renamed[key]}'; "
+                                  f"write {renamed[key]} instead")
+            raise _unknown_key_error(key, list(key_paths(cls)), at)
+        section = _section(_annotation(cls, path))
+        if section is not None and isinstance(value, dict):
+            found.update(_resolve(section, value, at, (*prefix, *path)))
+        else:
+            found[(*prefix, *path)] = (key, value, where or "config")
+    return found
+
+
+def _annotation(cls: type, path: KeyPath) -> Any:
+    for name in path[:-1]:
+        cls = _field_types(cls)[name]
+    return _field_types(cls)[path[-1]]
 
 
 def convert_value(value: Any, annotation: Any, *, where: str) -> Any:
@@ -64,6 +150,10 @@ def convert_value(value: Any, annotation: Any, *, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         items = [convert_value(v, item_type, where=where) for v in value]
         return items if origin is list else tuple(items)
+    if _section(annotation) is not None:
+        if isinstance(value, annotation):
+            return value
+        raise ConfigError(f"{where}: expected a mapping of its keys, got {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -99,18 +189,51 @@ def convert_value(value: Any, annotation: Any, *, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {annotation!r}")
 
 
-def from_dict(cls: type[T], values: dict[str, Any], *, where: str = "config") -> T:
-    """Build dataclass `cls` from a mapping, converting types and rejecting unknown keys."""
-    types_by_name = _field_types(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in types_by_name:
-            raise _unknown_key_error(key, list(types_by_name), where)
-        kwargs[key] = convert_value(value, types_by_name[key], where=f"{where}: '{key}'")
+def _default(cls: type, name: str) -> Any:
+    """A field's default (a section's default instance), or None if it has none."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return None if spec.default is dataclasses.MISSING else spec.default
+
+
+def _construct(cls: type[T], values: dict[KeyPath, Any], base: Any = None) -> T:
+    """`cls` from converted values by path; a section starts from `base`'s (or the default)."""
+    kwargs: dict[str, Any] = {}
+    inner: dict[str, dict[KeyPath, Any]] = {}
+    for path, value in values.items():
+        if len(path) == 1:
+            kwargs[path[0]] = value
+        else:
+            inner.setdefault(path[0], {})[path[1:]] = value
+    for name, section_values in inner.items():
+        start = kwargs.get(name, getattr(base, name) if base is not None else _default(cls, name))
+        kwargs[name] = _construct(_field_types(cls)[name], section_values, start)
+    if base is not None:
+        kwargs = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init},
+                  **kwargs}
+    return cls(**kwargs)
+
+
+def build_config(cls: type[T], layers: list[tuple[dict[str, Any], str | None]]) -> T:
+    """Dataclass `cls` from layers of values, each (mapping, where it came from: a file name,
+    or None for command-line overrides); later layers win, key by key."""
+    resolved: dict[KeyPath, tuple[str, Any, str]] = {}
+    for values, where in layers:
+        resolved.update(_resolve(cls, values, where))
+    converted = {path: convert_value(value, _annotation(cls, path), where=f"{at}: '{key}'")
+                 for path, (key, value, at) in resolved.items()}
+    where = next((w for _, w in layers if w is not None), "config")
     try:
-        return cls(**kwargs)
+        return _construct(cls, converted)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def from_dict(cls: type[T], values: dict[str, Any], *, where: str = "config") -> T:
+    """Build dataclass `cls` from a mapping (flat, dotted or nested keys), converting types and
+    rejecting unknown keys."""
+    return build_config(cls, [(values, where)])
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -153,21 +276,30 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return overrides
 
 
-def load_config(
-    cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> T:
-    """YAML file (optional) then overrides, strictly checked, into dataclass `cls`."""
-    values: dict[str, Any] = {}
+def load_config(cls: type[T], path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None, *, skip: tuple[str, ...] = ()) -> T:
+    """YAML file (optional) then overrides, strictly checked, into dataclass `cls`. `skip`: keys
+    of the file that the caller reads itself (a run's `recipe`)."""
+    layers: list[tuple[dict[str, Any], str | None]] = []
     if path is not None:
-        values.update(read_yaml(path))
-        for key in values:
-            if key not in _field_types(cls):
-                raise _unknown_key_error(key, list(_field_types(cls)), str(path))
-    for key in overrides or {}:
-        if key not in _field_types(cls):
-            raise _unknown_key_error(key, list(_field_types(cls)), f"--{key}")
-    values.update(overrides or {})
-    return from_dict(cls, values, where=str(path) if path is not None else "config")
+        values = read_yaml(path)
+        layers.append(({k: v for k, v in values.items() if k not in skip}, str(path)))
+    layers.append((dict(overrides or {}), None))
+    return build_config(cls, layers)
+
+
+def upgrade_saved(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config as this version reads it: renamed keys under their new names, and
+    keys this version no longer has left out (a run directory outlives the lmlab that wrote it)."""
+    renamed, kept = renamed_keys(cls), {}
+    for key, value in values.items():
+        key = renamed.get(key, key)
+        path = _path_of(cls, key)
+        if path is None:
+            continue
+        section = _section(_annotation(cls, path))
+        kept[key] = upgrade_saved(section, value) if section and isinstance(value, dict) else value
+    return kept
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -175,4 +307,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def dump_yaml(config: Any) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    """The config as YAML, sections after the plain keys (so they read as blocks)."""
+    values = to_dict(config)
+    ordered = {k: v for k, v in values.items() if not isinstance(v, dict)}
+    ordered.update({k: v for k, v in values.items() if isinstance(v, dict)})
+    return yaml.safe_dump(ordered, sort_keys=False)
