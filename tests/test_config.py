@@ -1,4 +1,5 @@
-"""The strict dataclass ⇄ YAML / `--key value` loader, every shipped config, PretrainConfig checks."""
+"""The strict dataclass ⇄ YAML / `--key value` loader, every shipped config, the pretraining
+configs' checks. (Nesting, dotted keys, renamed keys and the recipes: tests/recipes.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from lmlab.config import (build_config, convert_value, dump_yaml, from_dict, key_paths,
                           load_config, parse_overrides, upgrade_saved)
 from lmlab.errors import ConfigError
-from lmlab.training.pretrain import PretrainConfig
+from lmlab.recipes.causal_lm import CausalLMConfig
+from lmlab.recipes.pretraining import pretrain_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 # Pretraining presets; configs/finetune/* are fine-tuning configs, loaded by
@@ -217,14 +219,14 @@ def test_empty_yaml_gives_defaults(tmp_path):
 def test_unknown_yaml_key_names_the_file_and_suggests(tmp_path):
     path = write(tmp_path / "bad.yaml", "n_layer: 2\nmax_step: 3\n")
     with pytest.raises(ConfigError) as info:
-        load_config(PretrainConfig, path)
+        load_config(CausalLMConfig, path)
     assert str(info.value).startswith(
         f"{path}: unknown key 'max_step' (did you mean 'max_steps'?); known keys: ")
 
 
 def test_unknown_key_without_a_close_match_has_no_suggestion(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_config(PretrainConfig, write(tmp_path / "bad.yaml", "qqqqqq: 1\n"))
+        load_config(CausalLMConfig, write(tmp_path / "bad.yaml", "qqqqqq: 1\n"))
     assert "unknown key 'qqqqqq'" in str(info.value) and "did you mean" not in str(info.value)
 
 
@@ -235,10 +237,10 @@ def test_unknown_key_lists_the_known_keys(tmp_path):
 
 def test_unknown_override_names_the_flag():
     with pytest.raises(ConfigError) as info:
-        load_config(PretrainConfig, None, {"learnin_rate": "1"})
+        load_config(CausalLMConfig, None, {"learnin_rate": "1"})
     assert str(info.value).startswith("--learnin_rate: unknown key 'learnin_rate'")
     with pytest.raises(ConfigError, match=r"--n_layers: .*did you mean 'n_layer'"):
-        load_config(PretrainConfig, None, {"n_layers": "1"})
+        load_config(CausalLMConfig, None, {"n_layers": "1"})
 
 
 def test_bad_value_in_yaml_names_file_and_key(tmp_path):
@@ -305,17 +307,19 @@ def test_parse_overrides_rejects_non_flags(args):
 
 
 def test_overrides_end_to_end_into_pretrain_config():
-    cfg = load_config(PretrainConfig, None, parse_overrides(
+    cfg = load_config(CausalLMConfig, None, parse_overrides(
         ["--lr=1e-3", "--min-lr", "1e-5", "--tensorboard", "false", "--eval_tokens", "none",
          "--max_minutes", "2.5", "--precision", "fp32", "--n_layer", "2"]))
-    assert (cfg.lr, cfg.min_lr, cfg.tensorboard, cfg.eval_tokens) == (1e-3, 1e-5, False, None)
-    assert (cfg.max_minutes, cfg.precision, cfg.n_layer) == (2.5, "fp32", 2)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.tensorboard, cfg.eval_tokens) == \
+        (1e-3, 1e-5, False, None)
+    assert (cfg.optim.max_minutes, cfg.optim.precision, cfg.n_layer) == (2.5, "fp32", 2)
 
 
 def test_dump_yaml_round_trips(tmp_path):
-    cfg = PretrainConfig(data="x.txt", n_layer=2, lr=3e-4, min_lr=0.0, eval_tokens=None)
+    cfg = from_dict(CausalLMConfig, {"data": "x.txt", "n_layer": 2, "lr": 3e-4, "min_lr": 0.0,
+                                     "eval_tokens": None})
     path = write(tmp_path / "resolved.yaml", dump_yaml(cfg))
-    assert load_config(PretrainConfig, path) == cfg
+    assert load_config(CausalLMConfig, path) == cfg
 
 
 # -- shipped configs --------------------------------------------------------------------------
@@ -325,19 +329,20 @@ def test_configs_are_found():
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_loads(path):
-    cfg = load_config(PretrainConfig, path)
-    assert isinstance(cfg, PretrainConfig)
+    recipe, cfg = pretrain_recipe(path)  # the recipe its objective names
+    assert isinstance(cfg, recipe.config)
     # A shipped preset describes a model that can be built: the head divides the width.
     assert cfg.n_embd % cfg.n_head == 0
 
 
 def test_shakespeare_preset_values():
-    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/shakespeare_char.yaml")
+    cfg = load_config(CausalLMConfig, REPO / "configs/pretrain/shakespeare_char.yaml")
     assert (cfg.tokenizer, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == ("char", 4, 4, 128, 64)
-    assert (cfg.activation, cfg.lr, cfg.min_lr, cfg.eval_tokens) == ("gelu", 1e-3, 1e-4, 16384)
+    assert (cfg.activation, cfg.optim.lr, cfg.optim.min_lr, cfg.eval_tokens) == \
+        ("gelu", 1e-3, 1e-4, 16384)
 
 
-# -- PretrainConfig validation ----------------------------------------------------------------
+# -- pretraining config validation (the causal recipe's) ----------------------------------------------------------------
 @pytest.mark.parametrize("overrides, pattern", [
     ({"batch_size": "-1"}, "batch_size must be positive, got -1"),
     ({"n_layer": "0"}, "n_layer must be positive"),
@@ -351,14 +356,14 @@ def test_shakespeare_preset_values():
 ])
 def test_pretrain_config_validation(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        load_config(PretrainConfig, None, overrides)
+        load_config(CausalLMConfig, None, overrides)
 
 
 def test_pretrain_config_validation_from_yaml_names_the_parameter(tmp_path):
     path = write(tmp_path / "neg.yaml", "batch_size: -4\n")
     with pytest.raises(ConfigError, match="batch_size must be positive, got -4"):
-        load_config(PretrainConfig, path)
+        load_config(CausalLMConfig, path)
 
 
 def test_val_fraction_zero_is_allowed():
-    assert load_config(PretrainConfig, None, {"val_fraction": "0"}).val_fraction == 0.0
+    assert load_config(CausalLMConfig, None, {"val_fraction": "0"}).val_fraction == 0.0

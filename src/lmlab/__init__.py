@@ -15,8 +15,9 @@ from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
 from lmlab.generation import GenerationConfig, generate, generate_tokens
 from lmlab.models import BertConfig, BertModel, GPT, GPTConfig, from_pretrained
 from lmlab.tokenizer import Tokenizer
-from lmlab.training.finetune import (FinetuneClassificationConfig, FinetuneQAConfig, evaluate,
-                                     finetune_classification, finetune_qa, predict)
+from lmlab.recipes.classification import FinetuneClassificationConfig, finetune_classification
+from lmlab.recipes.finetuning import evaluate, predict
+from lmlab.recipes.qa import FinetuneQAConfig, finetune_qa
 
 __version__ = "0.1.0"
 

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
+from lmlab.config import from_dict
 from lmlab.data.prepare import prepare_dataset
 from lmlab.errors import ConfigError, DataError
 from lmlab.generation import generate
 from lmlab.models import from_pretrained
+from lmlab.recipes.causal_lm import CausalLMConfig, pretrain_causal_lm
+from lmlab.recipes.pretraining import PretrainResult
 from lmlab.tokenizer import Tokenizer
-from lmlab.training.pretrain import PretrainConfig, PretrainResult, pretrain
 
 PROMPTS = ("def fibonacci(n):\n", "class Stack:\n", "import os\n\n\ndef read_config(path):\n")
 VAL_FRACTION = 0.02
@@ -45,13 +47,13 @@ def is_validation(relative: str) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < VAL_FRACTION
 
 
-def demo_config(*, data: str, minutes: float | None, steps: int | None) -> PretrainConfig:
-    return PretrainConfig(
+def demo_config(*, data: str, minutes: float | None, steps: int | None) -> CausalLMConfig:
+    return from_dict(CausalLMConfig, dict(
         data=data, n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32,
         max_steps=steps or 100_000, lr=2e-3, min_lr=2e-4, warmup_steps=100, weight_decay=0.1,
         beta2=0.99, eval_every=0, eval_tokens=None, save_every=0, keep_last=1,
         max_minutes=None if steps else minutes, tensorboard=True,
-    )
+    ))
 
 
 @dataclass
@@ -96,7 +98,7 @@ def run_demo(*, out: str | Path, minutes: float = 5.0, steps: int | None = None,
     remaining = minutes - (time.perf_counter() - t0) / 60
     train_minutes = max(0.1, remaining - 25 / 60)
     cfg = demo_config(data=str(data_dir), minutes=train_minutes, steps=steps)
-    result = pretrain(cfg, run_dir=out, progress=progress)
+    result = pretrain_causal_lm(cfg, run_dir=out, progress=progress)
 
     model = from_pretrained(out)
     tokenizer = Tokenizer.from_pretrained(out)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.config import load_config
+from lmlab.config import read_yaml
 from lmlab.errors import ConfigError
-from lmlab.training.finetune import (FinetuneClassificationConfig, FinetuneQAConfig,
-                                     resolve_model)
+from lmlab.recipes import find_recipe, load_recipe_config
+from lmlab.recipes.finetuning import resolve_model
 from test_cli_errors import assert_usage_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,8 +155,9 @@ def test_there_are_finetune_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_finetune_yaml_loads(path):
-    cls = FinetuneQAConfig if path.stem == "squad" else FinetuneClassificationConfig
-    cfg = load_config(cls, path)
+    recipe = find_recipe(read_yaml(path)["recipe"], command="finetune")  # the file names it
+    cfg = load_recipe_config(recipe, path)
+    assert recipe.name == ("qa" if path.stem == "squad" else "classification")
     assert cfg.train and cfg.validation and cfg.test
     data = ROOT / ".." / "shared" / "data"
     if data.is_dir():  # the files it names exist where the repository expects them

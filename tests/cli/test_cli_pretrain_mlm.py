@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lmlab.config import load_config
 from lmlab.models import from_pretrained
 from lmlab.models.bert import BertForMaskedLM, BertForPreTraining
 from lmlab.tokenizer import Tokenizer
-from lmlab.training.pretrain import PretrainConfig, build_model
+from lmlab.recipes.masked_lm import build_model
+from lmlab.recipes.pretraining import pretrain_recipe
 
 from test_cli_errors import one_line, run_cli  # noqa: E402  (same folder)
 
@@ -121,7 +121,7 @@ def test_continued_mlm_pretraining_of_minilm(capsys, corpus, tmp_path) -> None:
 
 
 def test_preset_builds_a_bert() -> None:
-    cfg = load_config(PretrainConfig, PRESET)
+    _, cfg = pretrain_recipe(PRESET)
     assert (cfg.objective, cfg.tokenizer, cfg.whole_word_mask) == ("mlm+nsp", "wordpiece", True)
     tokenizer = Tokenizer.train_wordpiece(iterator=["some words here"] * 4, vocab_size=40)
     model = build_model(cfg, tokenizer)
@@ -131,15 +131,15 @@ def test_preset_builds_a_bert() -> None:
 
 
 def test_tokenizer_default_follows_the_objective() -> None:
-    assert PretrainConfig(objective="mlm").tokenizer == "wordpiece"
-    assert PretrainConfig().tokenizer == "bpe"
+    assert pretrain_recipe(None, {"objective": "mlm"})[1].tokenizer == "wordpiece"
+    assert pretrain_recipe(None)[1].tokenizer == "bpe"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--objective", "mlm", "--tokenizer", "bpe"], "needs a tokenizer with a mask token"),
     (["--whole_word_mask", "true"], "whole_word_mask"),
     (["--objective", "mlm", "--mask_prob", "0"], "mask_prob"),
-    (["--objective", "mlm", "--bias", "false"], "bias: false shapes a new GPT"),
+    (["--objective", "mlm", "--bias", "false"], "'bias' is a setting of causal, not of mlm"),
 ])
 def test_bad_mlm_setups_are_one_line_errors(capsys, corpus, tmp_path, argv, message) -> None:
     code, _, err = run_cli(capsys, "pretrain", "--data", corpus, "--out", tmp_path / "run",

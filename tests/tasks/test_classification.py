@@ -12,7 +12,8 @@ import torch
 from lmlab import DataError, from_pretrained
 from lmlab.tasks import classification as clf
 from lmlab.tasks.batching import EpochPlan
-from lmlab.training.finetune import FinetuneClassificationConfig, finetune_classification
+from lmlab.config import from_dict
+from lmlab.recipes.classification import FinetuneClassificationConfig, finetune_classification
 
 
 def write(path, text: str):
@@ -134,7 +135,7 @@ def run_config(model_dir, files, **overrides) -> FinetuneClassificationConfig:
                   max_length=32, batch_size=16, epochs=4, lr=2e-3, warmup_ratio=0.1, seed=0,
                   log_every=5)
     values.update(overrides)
-    return FinetuneClassificationConfig(**values)
+    return from_dict(FinetuneClassificationConfig, values)
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt"])

@@ -12,7 +12,7 @@ import pytest
 
 from lmlab.data.prepare import prepare_dataset
 from lmlab.tokenizer import Tokenizer
-from lmlab.training.pretrain import PretrainConfig, pretrain
+from lmlab.recipes.pretraining import pretrain_recipe
 
 from torchrun_helpers import (  # tests/ is on sys.path (rootdir conftest, no __init__)
     assert_close_weights, assert_same_trajectory, copy_cut_back, torchrun_pretrain)
@@ -39,8 +39,8 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def single(data: Path, out: Path, *, resume: bool = False):
-    cfg = PretrainConfig(data=str(data), batch_size=4, **SHAPE)
-    return pretrain(cfg, run_dir=out, resume=resume, progress=False)
+    recipe, cfg = pretrain_recipe(None, {"data": str(data), "batch_size": 4, **SHAPE})
+    return recipe.run(cfg, run_dir=out, resume=resume, progress=False)
 
 
 def assert_same_run(a: Path, b: Path) -> None:

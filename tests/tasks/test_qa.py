@@ -138,7 +138,7 @@ def test_read_squad_selects_articles_and_checks_answers(tmp_path):
 
 def test_tiny_bert_span_loss_falls(tiny_bert_dir, tok, tmp_path, single_thread):
     from lmlab.models.bert import BertForQuestionAnswering
-    from lmlab.training.loop import LoopConfig, train
+    from lmlab.training.loop import LoopConfig, OptimConfig, train
 
     rng = np.random.default_rng(0)
     examples = []
@@ -159,8 +159,8 @@ def test_tiny_bert_span_loss_falls(tiny_bert_dir, tok, tmp_path, single_thread):
     task = qa.QATask(train=windows, val=(examples[:16], qa.make_windows(
         tok, examples[:16], max_length=32, stride=8)), plan=plan, device=torch.device("cpu"),
         pad_id=0)
-    cfg = LoopConfig(max_steps=16 * plan.steps_per_epoch, lr=5e-3, warmup_steps=4,
-                     eval_every=plan.steps_per_epoch, metric="val_loss", eval_at_start=True)
+    cfg = LoopConfig(max_steps=16 * plan.steps_per_epoch, optim=OptimConfig(lr=5e-3),
+                     warmup_steps=4, eval_every=plan.steps_per_epoch, eval_at_start=True)
     result = train(model, task, cfg, run_dir=tmp_path, device=torch.device("cpu"))
     assert result.metrics["val_loss"] < 0.6 * result.first_metrics["val_loss"], result
     assert result.metrics["val_f1"] > result.first_metrics["val_f1"] + 10, result

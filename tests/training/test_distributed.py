@@ -10,7 +10,8 @@ import pytest
 
 from lmlab.data.prepare import prepare_dataset
 from lmlab.tokenizer import Tokenizer
-from lmlab.training.pretrain import PretrainConfig, pretrain
+from lmlab.config import from_dict
+from lmlab.recipes.causal_lm import CausalLMConfig, pretrain_causal_lm
 
 from torchrun_helpers import (  # tests/ is on sys.path (rootdir conftest, no __init__)
     assert_close_weights, assert_same_trajectory, copy_cut_back, records, torchrun_pretrain)
@@ -47,8 +48,8 @@ def torchrun(data: Path, out: Path, *extra: str) -> None:
 
 
 def single(data: Path, out: Path, *, resume: bool = False, **extra):
-    cfg = PretrainConfig(data=str(data), batch_size=4, **{**SHAPE, **extra})
-    return pretrain(cfg, run_dir=out, resume=resume, progress=False)
+    cfg = from_dict(CausalLMConfig, {"data": str(data), "batch_size": 4, **SHAPE, **extra})
+    return pretrain_causal_lm(cfg, run_dir=out, resume=resume, progress=False)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from lmlab.errors import ConfigError
 from lmlab.training.checkpoint import best_checkpoint, list_checkpoints
 from lmlab.training.early_stopping import BestTracker
-from lmlab.training.loop import LoopConfig, train
+from lmlab.training.loop import LoopConfig, OptimConfig, train
 from lmlab.training.schedule import lr_at
 from test_loop import corpus, loop_config, make_task, tiny_model  # same folder
 
@@ -35,7 +35,7 @@ class ScriptedMetrics:
 
 def scripted_config(**overrides) -> LoopConfig:
     values = dict(max_steps=50, eval_every=5, save_every=5, keep_last=1, metric="accuracy",
-                  early_stopping_patience=2, early_stopping_min_delta=0.01)
+                  patience=2, min_delta=0.01)
     values.update(overrides)
     return loop_config(**values)
 
@@ -67,7 +67,7 @@ def test_best_checkpoint_survives_pruning_and_restore_best_loads_it(tmp_path):
     tokens = corpus()
     task = ScriptedMetrics(make_task(tokens), [0.1, 0.5, 0.6, 0.55, 0.58, 0.59, 0.4])
     model = tiny_model()
-    result = train(model, task, scripted_config(max_steps=30, early_stopping_patience=0,
+    result = train(model, task, scripted_config(max_steps=30, patience=0,
                                                 restore_best=True),
                    run_dir=tmp_path / "run", device=CPU)
     assert not result.stopped_early and result.steps == 30 and result.best_step == 10
@@ -107,9 +107,9 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="restore_best needs keep_best"):
         loop_config(restore_best=True, keep_best=False)
     with pytest.raises(ConfigError, match="needs eval_every"):
-        loop_config(early_stopping_patience=2, eval_every=0)
-    assert LoopConfig(max_steps=1, lr=1e-3).higher_is_better is False  # val_loss
-    assert LoopConfig(max_steps=1, lr=1e-3, metric="f1").higher_is_better is True
+        loop_config(patience=2, eval_every=0)
+    assert OptimConfig(lr=1e-3).higher_is_better is False  # val_loss
+    assert OptimConfig(lr=1e-3, metric="f1").higher_is_better is True
 
 
 def test_schedules():

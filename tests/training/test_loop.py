@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.tasks.causal_lm import CausalLMTask
 from lmlab.training.checkpoint import latest_valid, list_checkpoints
-from lmlab.training.loop import LoopConfig, TrainingStopped, train
+from lmlab.training.loop import LoopConfig, OptimConfig, TrainingStopped, train
 from lmlab.training.optim import build_optimizer
 from lmlab.training.schedule import lr_at
 
@@ -35,14 +35,19 @@ def tiny_model(seed: int = 0) -> GPT:
     return GPT(GPTConfig(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2))
 
 
+LOOP_KEYS = {"max_steps", "warmup_steps", "eval_every", "save_every", "eval_at_start", "progress"}
+
+
 def loop_config(**overrides) -> LoopConfig:
+    """A LoopConfig from flat keys: the horizon's go to LoopConfig, the rest to its OptimConfig."""
     values = dict(
         max_steps=30, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1, beta1=0.9,
         beta2=0.99, grad_clip=1.0, eval_every=10, save_every=10, keep_last=5, log_every=1,
         max_minutes=None, max_bad_steps=3, tensorboard=False, progress=False,
     )
     values.update(overrides)
-    return LoopConfig(**values)
+    optim = OptimConfig(**{k: v for k, v in values.items() if k not in LOOP_KEYS})
+    return LoopConfig(**{k: v for k, v in values.items() if k in LOOP_KEYS}, optim=optim)
 
 
 def make_task(tokens, *, batch_size=4, grad_accum=1, seed=7) -> CausalLMTask:
@@ -245,7 +250,8 @@ def test_continued_pretraining_refuses_data_from_another_tokenizer(tmp_path):
     from lmlab.data.prepare import prepare_dataset
     from lmlab.errors import DataError
     from lmlab.tokenizer import Tokenizer
-    from lmlab.training.pretrain import PretrainConfig, pretrain
+    from lmlab.config import from_dict
+    from lmlab.recipes.causal_lm import CausalLMConfig, pretrain_causal_lm
 
     text = "the quick brown fox jumps over the lazy dog\n" * 200
     (tmp_path / "a.txt").write_text(text)
@@ -255,13 +261,14 @@ def test_continued_pretraining_refuses_data_from_another_tokenizer(tmp_path):
                   n_head=2)).save_pretrained(base, tokenizer=tok)
     other = Tokenizer.char_level(text + "XYZ")  # another vocabulary
     prepare_dataset([tmp_path / "a.txt"], tokenizer=other, out_dir=tmp_path / "ds")
-    cfg = PretrainConfig(data=str(tmp_path / "ds"), init_from=str(base), block_size=8,
-                         max_steps=2, tensorboard=False)
+    cfg = from_dict(CausalLMConfig, dict(data=str(tmp_path / "ds"), init_from=str(base),
+                                         block_size=8, max_steps=2, tensorboard=False))
     with pytest.raises(DataError, match="different tokenizer"):
-        pretrain(cfg, run_dir=tmp_path / "run", progress=False)
+        pretrain_causal_lm(cfg, run_dir=tmp_path / "run", progress=False)
     # the same tokenizer is accepted, and training continues from the base weights
     prepare_dataset([tmp_path / "a.txt"], tokenizer=tok, out_dir=tmp_path / "ds2")
-    cfg = PretrainConfig(data=str(tmp_path / "ds2"), init_from=str(base), block_size=8,
-                         max_steps=2, eval_every=0, tensorboard=False, warmup_steps=0)
-    result = pretrain(cfg, run_dir=tmp_path / "run2", progress=False)
+    cfg = from_dict(CausalLMConfig, dict(data=str(tmp_path / "ds2"), init_from=str(base),
+                                         block_size=8, max_steps=2, eval_every=0,
+                                         tensorboard=False, warmup_steps=0))
+    result = pretrain_causal_lm(cfg, run_dir=tmp_path / "run2", progress=False)
     assert result.result.steps == 2

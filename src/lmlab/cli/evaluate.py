@@ -6,7 +6,7 @@ import json
 
 from lmlab.cli.finetune import format_metrics
 from lmlab.config import parse_overrides
-from lmlab.training.finetune import evaluate
+from lmlab.recipes.finetuning import evaluate
 
 
 def add_arguments(parser) -> None:

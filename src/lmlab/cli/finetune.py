@@ -1,19 +1,17 @@
-"""`lmlab finetune classification|qa --config FILE --out RUN_DIR [--key value …]`."""
+"""`lmlab finetune TASK --config FILE --out RUN_DIR [--key value …]`: the fine-tuning recipe
+named TASK (lmlab.recipes, command "finetune")."""
 
 from __future__ import annotations
 
-from lmlab.config import dump_yaml, load_config, parse_overrides
-from lmlab.training.finetune import (FinetuneClassificationConfig, FinetuneQAConfig,
-                                     finetune_classification, finetune_qa)
-
-TASKS = {
-    "classification": (FinetuneClassificationConfig, finetune_classification),
-    "qa": (FinetuneQAConfig, finetune_qa),
-}
+from lmlab.config import parse_overrides
+from lmlab.recipes import find_recipe, load_recipe_config, recipes_for
+from lmlab.recipes.run_steps import config_text
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("task", choices=sorted(TASKS), help="what to fine-tune for")
+    tasks = recipes_for("finetune")
+    parser.add_argument("task", choices=sorted(tasks), help="what to fine-tune for: " +
+                        "; ".join(f"{n}: {r.help}" for n, r in sorted(tasks.items())))
     parser.add_argument("--config", help="YAML preset, e.g. configs/finetune/sst2.yaml")
     parser.add_argument("--out", required=True, help="run directory (model, checkpoints, logs)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -24,10 +22,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    config_class, finetune = TASKS[args.task]
-    cfg = load_config(config_class, args.config, parse_overrides(args.overrides))
-    print("resolved config:\n" + dump_yaml(cfg))
-    out = finetune(cfg, run_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    recipe = find_recipe(args.task, command="finetune")
+    cfg = load_recipe_config(recipe, args.config, parse_overrides(args.overrides))
+    print("resolved config:\n" + config_text(recipe.name, cfg))
+    out = recipe.run(cfg, run_dir=args.out, resume=args.resume, progress=not args.no_progress)
     r = out.train
     print(f"{r.steps} steps{' (stopped early)' if r.stopped_early else ''}, "
           f"{r.train_seconds:.1f} s training, {out.wall_seconds:.1f} s in all")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmlab.config import parse_overrides
-from lmlab.training.finetune import predict
+from lmlab.recipes.finetuning import predict
 
 
 def add_arguments(parser) -> None:

@@ -1,14 +1,23 @@
+"""`lmlab pretrain --config FILE --out RUN_DIR [--objective NAME] [--key value …]`: the pretraining
+recipe the objective names (lmlab.recipes, command "pretrain")."""
+
 from __future__ import annotations
 
 import logging
 import os
 
-from lmlab.config import dump_yaml, load_config, parse_overrides
-from lmlab.training.pretrain import PretrainConfig, pretrain
+from lmlab.config import parse_overrides
+from lmlab.recipes import recipes_for
+from lmlab.recipes.pretraining import pretrain_recipe
+from lmlab.recipes.run_steps import config_text
 
 
 def add_arguments(parser) -> None:
+    objectives = recipes_for("pretrain")
     parser.add_argument("--config", help="YAML preset, e.g. configs/pretrain/shakespeare_char.yaml")
+    parser.add_argument("--objective", choices=sorted(objectives), default=None,
+                        help="the recipe (default: the config's objective, else causal): " +
+                             "; ".join(f"{n}: {r.help}" for n, r in sorted(objectives.items())))
     parser.add_argument("--out", required=True, help="run directory (model, checkpoints, logs)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -19,14 +28,17 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    cfg = load_config(PretrainConfig, args.config, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    if args.objective is not None:
+        overrides["objective"] = args.objective
+    recipe, cfg = pretrain_recipe(args.config, overrides)
     # Under torchrun only rank 0 speaks; the others report errors only.
     main = int(os.environ.get("RANK", "0")) == 0
     if not main:
         logging.getLogger().setLevel(logging.ERROR)
     say = print if main else (lambda *_: None)
-    say("resolved config:\n" + dump_yaml(cfg))
-    out = pretrain(cfg, run_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    say("resolved config:\n" + config_text(recipe.name, cfg))
+    out = recipe.run(cfg, run_dir=args.out, resume=args.resume, progress=not args.no_progress)
     r = out.result
     first = r.first_metrics or {}
     if "val_loss" in first:
@@ -38,7 +50,7 @@ def run(args) -> int:
         say(f"best: val loss {r.best_metrics.get('val_loss', float('nan')):.4f} at step "
             f"{r.best_step} ({args.out}/checkpoints/best)")
     if r.stopped_early:
-        say(f"stopped early at step {r.steps}: no improvement in {cfg.early_stopping_patience} "
+        say(f"stopped early at step {r.steps}: no improvement in {cfg.optim.patience} "
             "evaluations")
     if r.train_seconds:
         mfu = f", MFU {r.mfu:.1%}" if r.mfu is not None else ""

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -46,32 +46,44 @@ class Task(Protocol):
 
 
 @dataclass
-class LoopConfig:
-    max_steps: int
-    lr: float
+class OptimConfig:
+    """The loop's settings that every recipe shares: each recipe's config nests one as `optim`
+    (with the recipe's own defaults), so a setting added here reaches every recipe. Its keys are
+    written flat (`--lr 3e-4`) or dotted (`--optim.lr 3e-4`); see lmlab/config.py."""
+
+    # Keys of earlier versions (pretraining's early stopping) and the names that replaced them.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"early_stopping_patience": "patience",
+                                              "early_stopping_min_delta": "min_delta"}
+    # -- AdamW and the learning-rate schedule
+    lr: float = 1e-3
     min_lr: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the linear warmup
+    weight_decay: float = 0.0  # on matrices only
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-8  # AdamW's epsilon: the floor under each element's RMS gradient
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still computed, to catch NaN)
-    eval_every: int = 0  # 0 = evaluate only before training and at the end
-    save_every: int = 0  # 0 = checkpoint only at the end
-    keep_last: int = 2  # step checkpoints kept; 0 = all (the best one is never pruned)
-    log_every: int = 10
-    max_minutes: float | None = None
-    max_bad_steps: int = 10  # non-finite steps in a row before the run stops
-    tensorboard: bool = False
-    progress: bool = False
+    # -- batches, which the recipe's task draws: per process; a step is batch_size × grad_accum
+    # × processes
+    batch_size: int = 32
+    grad_accum: int = 1
+    # -- the best model, early stopping, checkpoints
     metric: str = "val_loss"  # the key of Task.evaluate's dict that decides "best"
     greater_is_better: bool | None = None  # None: False if the metric's name contains "loss"
-    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
-    early_stopping_min_delta: float = 0.0  # improvements of at most this do not count
+    patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    min_delta: float = 0.0  # improvements of at most this do not count
     keep_best: bool = True  # write RUN_DIR/checkpoints/best whenever the metric improves
     restore_best: bool = False  # end with the best weights in the model (load_best_model_at_end)
-    lr_schedule: str = "cosine"  # after warmup: cosine or linear to min_lr, or constant
-    eval_at_start: bool = True  # evaluate before step 0 on fresh runs
+    keep_last: int = 2  # step checkpoints kept; 0 = all (the best one is never pruned)
+    # -- guards, budget, logging
+    max_bad_steps: int = 10  # non-finite steps in a row before the run stops
+    max_minutes: float | None = None  # time budget: the number of steps is cut to what fits
+    log_every: int = 10
+    tensorboard: bool = False
+    # -- runtime (the recipe seeds and picks the device and autocast dtype before the loop)
+    seed: int = 1337
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, else fp32
     compile: bool = False  # torch.compile the training forward
     cpu_kernels: bool = True  # the CPU speed layer where it applies (lmlab/kernels/__init__.py)
 
@@ -79,24 +91,51 @@ class LoopConfig:
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"lr_schedule: expected one of {list(SCHEDULES)}, "
                               f"got {self.lr_schedule!r}")
-        if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
-            raise ConfigError("early_stopping_patience and early_stopping_min_delta must be >= 0, "
-                              f"got {self.early_stopping_patience} and "
-                              f"{self.early_stopping_min_delta}")
-        if self.early_stopping_patience and not self.eval_every:
-            raise ConfigError("early_stopping_patience needs eval_every > 0 (patience counts "
-                              "evaluations)")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, "
+                              f"min_lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.adam_eps <= 0:
+            raise ConfigError(f"need beta1 and beta2 in [0, 1) and adam_eps > 0, got "
+                              f"{self.beta1}, {self.beta2}, {self.adam_eps}")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.keep_last < 0:
+            raise ConfigError(f"keep_last must be >= 0, got {self.keep_last}")
+        if self.patience < 0 or self.min_delta < 0:
+            raise ConfigError(f"patience and min_delta must be >= 0, got {self.patience} and "
+                              f"{self.min_delta}")
         if self.restore_best and not self.keep_best:
             raise ConfigError("restore_best needs keep_best: the best weights are read back from "
                               "RUN_DIR/checkpoints/best")
         if self.max_bad_steps < 1:
             raise ConfigError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"max_minutes must be > 0, got {self.max_minutes}")
 
     @property
     def higher_is_better(self) -> bool:
         if self.greater_is_better is None:
             return default_greater_is_better(self.metric)
         return self.greater_is_better
+
+
+@dataclass
+class LoopConfig:
+    """One run of the loop: the shared settings plus what a recipe derives from its horizon
+    (pretraining: steps; fine-tuning: epochs)."""
+
+    max_steps: int
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup_steps: int = 0
+    eval_every: int = 0  # 0 = evaluate only before training and at the end
+    save_every: int = 0  # 0 = checkpoint only at the end
+    eval_at_start: bool = True  # evaluate before step 0 on fresh runs
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.optim.patience and not self.eval_every:
+            raise ConfigError("patience needs eval_every > 0 (patience counts evaluations)")
 
 
 class TrainingStopped(LmlabError):
@@ -169,21 +208,21 @@ class _Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.wrapped = self.dist.wrap(self.model, self.device)
-        self.runnable = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
+        self.optim = self.cfg.optim
+        self.runnable = torch.compile(self.wrapped) if self.optim.compile else self.wrapped
         # One process on the CPU: the speed layer's FlatAdamW lays the parameters out in one
         # buffer, so the optimizer and the clipping treat them, and the C step's gradients, as
         # one tensor. DDP/FSDP manage their parameters' memory themselves.
-        self.optimizer = build_optimizer(self.model, lr=self.cfg.lr,
-                                         weight_decay=self.cfg.weight_decay,
-                                         betas=(self.cfg.beta1, self.cfg.beta2),
-                                         eps=self.cfg.adam_eps, distributed=self.dist.active,
-                                         speed_layer=self.cfg.cpu_kernels)
+        self.optimizer = build_optimizer(self.model, lr=self.optim.lr,
+                                         weight_decay=self.optim.weight_decay,
+                                         betas=(self.optim.beta1, self.optim.beta2),
+                                         eps=self.optim.adam_eps, distributed=self.dist.active,
+                                         speed_layer=self.optim.cpu_kernels)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.tracker = BestTracker(self.cfg.metric, self.cfg.higher_is_better,
-                                   patience=self.cfg.early_stopping_patience,
-                                   min_delta=self.cfg.early_stopping_min_delta)
+        self.tracker = BestTracker(self.optim.metric, self.optim.higher_is_better,
+                                   patience=self.optim.patience, min_delta=self.optim.min_delta)
         self.step, self.max_steps = 0, self.cfg.max_steps
-        self.budget_fixed = self.cfg.max_minutes is None
+        self.budget_fixed = self.optim.max_minutes is None
         self.metrics_log: MetricsLog | None = None
 
     # -- state -----------------------------------------------------------------------------------
@@ -213,7 +252,7 @@ class _Trainer:
         self.step, self.budget_fixed = state["step"], True
         # A time-budgeted run keeps the horizon it fitted; otherwise the config decides, so
         # `--resume --max_steps N` can extend a finished run (the schedule's tail is stretched).
-        if self.cfg.max_minutes is not None:
+        if self.optim.max_minutes is not None:
             self.max_steps = state["max_steps"]
         elif self.cfg.max_steps != state["max_steps"]:
             log.info("max_steps changed from %d to %d: the schedule's horizon moves",
@@ -231,7 +270,7 @@ class _Trainer:
                      "rng": rngs, "tracker": self.tracker.state_dict(),
                      "world_size": self.dist.world_size}
             ckpt_io.save_checkpoint(self.run_dir, self.step, weights, state,
-                                    keep_last=self.cfg.keep_last)
+                                    keep_last=self.optim.keep_last)
         self.dist.barrier()
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -248,7 +287,7 @@ class _Trainer:
         """Measure, log, and keep the weights if they are the best so far."""
         metrics = self.measure(final=final)
         self.log(self.step, **metrics)
-        if self.tracker.update(self.step, metrics) and self.cfg.keep_best:
+        if self.tracker.update(self.step, metrics) and self.optim.keep_best:
             weights = self.dist.full_weights(self.model)
             if self.dist.is_main:
                 ckpt_io.save_best(self.run_dir, self.step, weights, metrics)
@@ -260,7 +299,7 @@ class _Trainer:
         found = self.dist.broadcast(best is not None)
         if not found:
             log.warning("restore_best: no best checkpoint (no evaluation produced %r); keeping "
-                        "the final weights", self.cfg.metric)
+                        "the final weights", self.optim.metric)
             return
         weights = ckpt_io.read_checkpoint(best)[0] if self.dist.is_main else {}
         if self.dist.is_main:
@@ -276,9 +315,9 @@ class _Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Forward and backward over this rank's micro-batches, then (if finite) the update.
         Returns the global mean loss, the gradient norm and the learning rate."""
-        lr = lr_at(self.step, lr=self.cfg.lr, min_lr=self.cfg.min_lr,
+        lr = lr_at(self.step, lr=self.optim.lr, min_lr=self.optim.min_lr,
                    warmup_steps=self.cfg.warmup_steps, max_steps=self.max_steps,
-                   schedule=self.cfg.lr_schedule)
+                   schedule=self.optim.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self.task.train_batches(self.step)
@@ -299,7 +338,7 @@ class _Trainer:
                 loss.backward()
             loss_sum += summed.detach()
         mean_loss = self.dist.all_reduce_sum(loss_sum) / n_targets
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        max_norm = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm_(self.params, max_norm, self.optimizer)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; the norm of the whole gradient
             grad_norm = grad_norm.full_tensor()
@@ -329,7 +368,7 @@ class _Trainer:
         first, slower steps) — leaving time for the evaluations still to come — so the schedule
         decays over the steps that will really run. Rank 0 decides for all."""
         per_step = (time.perf_counter() - t_calibrate) / (CALIBRATION[1] - CALIBRATION[0])
-        remaining = self.cfg.max_minutes * 60 - (time.perf_counter() - t_begin)
+        remaining = self.optim.max_minutes * 60 - (time.perf_counter() - t_begin)
         fit = self.step + int(remaining / per_step)
         n_evals = 1 + ((fit - self.step) // self.cfg.eval_every if self.cfg.eval_every else 0)
         fit = self.step + int(0.97 * (remaining - n_evals * eval_seconds) / per_step)
@@ -344,7 +383,7 @@ class _Trainer:
         resumed = self.restore() if resume else False
         start_step = self.step
         if self.dist.is_main:
-            self.metrics_log = MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard,
+            self.metrics_log = MetricsLog(self.run_dir, tensorboard=self.optim.tensorboard,
                                           resume_step=start_step if resumed else None)
         self.peak_flops = (matmul_peak_flops(str(self.device), self.amp_dtype or torch.float32)
                            if self.flops_per_step else 0.0)
@@ -355,7 +394,7 @@ class _Trainer:
                 self.metrics_log.close()
 
     def _run(self, start_step: int) -> TrainResult:
-        cfg = self.cfg
+        cfg, optim = self.cfg, self.optim
         t_begin = time.perf_counter()  # the time budget counts evaluations too
         first_metrics, last_metrics, eval_seconds = None, {}, 0.0
         if start_step == 0 and cfg.eval_at_start:
@@ -370,13 +409,13 @@ class _Trainer:
         while self.step < self.max_steps and not stopped_early:
             t0 = time.perf_counter()
             loss, grad_norm, lr = self.train_step()
-            if self.bad_in_a_row >= cfg.max_bad_steps:
+            if self.bad_in_a_row >= optim.max_bad_steps:
                 bar.close()
                 self.stop_non_finite()
             self.step += 1
             self.clock.steps += 1
             self.clock.seconds += time.perf_counter() - t0
-            if self.step % cfg.log_every == 0 or self.step == self.max_steps:
+            if self.step % optim.log_every == 0 or self.step == self.max_steps:
                 train_loss = float(loss)
                 record = self.log_step(train_loss, float(grad_norm), lr)
                 bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False,
@@ -392,7 +431,7 @@ class _Trainer:
                 if self.tracker.should_stop:
                     stopped_early = True
                     log.info("early stopping at step %d: %s has not improved for %d evaluations "
-                             "(best %s at step %s)", self.step, cfg.metric,
+                             "(best %s at step %s)", self.step, optim.metric,
                              self.tracker.evals_since_best, self.tracker.best_value,
                              self.tracker.best_step)
                     break
@@ -405,7 +444,7 @@ class _Trainer:
             self.save()
         elif not last_metrics:  # resumed a finished run: report, but log and save nothing new
             last_metrics = self.measure(final=True)
-        if cfg.restore_best:
+        if optim.restore_best:
             self.restore_best()
         return TrainResult(
             steps=self.step, final_train_loss=train_loss, metrics=last_metrics,

@@ -1,0 +1,81 @@
+"""The steps every recipe takes around the training loop, in the order a run takes them: check
+and create RUN_DIR, write its train_config.yaml, seed, save the final model with its tokenizer,
+write results.json and the plots."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmlab.config import dump_yaml
+from lmlab.errors import ConfigError
+from lmlab.fileio import atomic_write_bytes
+from lmlab.tokenizer import Tokenizer
+from lmlab.training.loop import TrainResult
+from lmlab.training.plots import plot_run
+
+CONFIG_FILE = "train_config.yaml"
+
+
+def check_run_dir(run_dir: Path, *, resume: bool) -> None:
+    """RUN_DIR may be new, or hold a run that --resume continues; it is created here."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: exists and is not a directory")
+    checkpoints = run_dir / "checkpoints"
+    if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise ConfigError(f"--out {run_dir}: already holds a run; pass --resume to continue it "
+                          "or choose another directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def config_text(recipe: str, cfg: Any) -> str:
+    """The resolved config as printed at start and saved: the recipe's name, then its keys
+    (the loop's settings as the `optim:` block). `lmlab.config.load_config` reads it back."""
+    return f"recipe: {recipe}\n" + dump_yaml(cfg)
+
+
+def write_config(run_dir: Path, recipe: str, cfg: Any) -> None:
+    atomic_write_bytes(run_dir / CONFIG_FILE, config_text(recipe, cfg).encode())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def context_window(model) -> int:
+    """The model's number of positions, from its config (GPT's n_positions, BERT's
+    max_position_embeddings)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or config.max_position_embeddings
+
+
+def save_model(model, tokenizer: Tokenizer, run_dir: Path, *, max_length: int) -> None:
+    """RUN_DIR/config.json + model.safetensors + the tokenizer's files (Hugging Face layout);
+    the tokenizer records the longest input the model was trained for."""
+    tokenizer.model_max_length = max_length
+    model.save_pretrained(run_dir, tokenizer=tokenizer)
+
+
+def write_results(run_dir: Path, result: TrainResult, *, wall_seconds: float,
+                  extra: dict[str, Any]) -> None:
+    """RUN_DIR/results.json (steps, best step, early stop, timings, the best validation figures
+    and `extra`, e.g. the test figures) and the plots."""
+    summary = {"steps": result.steps, "best_step": result.best_step,
+               "stopped_early": result.stopped_early, "train_seconds": result.train_seconds,
+               "wall_seconds": wall_seconds, "validation": result.best_metrics or result.metrics,
+               **extra}
+    atomic_write_bytes(run_dir / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
+    plot_run(run_dir)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_bytes(Path(path), text.encode())
+    return Path(path)
