@@ -5,7 +5,7 @@ max_length 128), same hyper-parameters (AdamW lr 5e-5, weight decay 0.01 on matr
 decay after 22 warmup steps, batch 32, one epoch = 217 steps, gradient clipping 1.0, dropout 0.1,
 seed 42, fp32), accuracy on the 872 validation sentences. Each side runs as a user would:
 
-- lmlab: `lmlab.training.finetune.finetune_classification` — its defaults batch by length
+- lmlab: `lmlab.recipes.classification.finetune_classification` — its defaults batch by length
   (sorted within 50-batch chunks) with dynamic padding;
 - Trainer: tokenized with transformers' tokenizer, `DataCollatorWithPadding` (dynamic padding to
   the longest in each random batch, the Trainer's default), `trainer.train()`, `trainer.predict()`;
@@ -37,8 +37,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, median, update_section  # noqa: E402
 
 from lmlab.tasks import classification as clf  # noqa: E402
-from lmlab.training.finetune import (FinetuneClassificationConfig, finetune_classification,  # noqa: E402
-                                     resolve_model)
+from lmlab.config import from_dict  # noqa: E402
+from lmlab.recipes.classification import (FinetuneClassificationConfig,  # noqa: E402
+                                          finetune_classification)
+from lmlab.recipes.finetuning import resolve_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2"
 HP = dict(lr=5e-5, weight_decay=0.01, batch_size=32, max_length=128, seed=42, warmup_ratio=0.1,
@@ -47,9 +49,9 @@ HP = dict(lr=5e-5, weight_decay=0.01, batch_size=32, max_length=128, seed=42, wa
 
 def run_lmlab(steps: int, out: Path) -> dict:
     epochs = steps / 217  # 6,920 / 32 rounded up
-    cfg = FinetuneClassificationConfig(
+    cfg = from_dict(FinetuneClassificationConfig, dict(  # flat keys, as a YAML file has them
         model="minilm", train=str(DATA / "train.jsonl"), validation=str(DATA / "validation.jsonl"),
-        text_field="sentence", epochs=epochs, lr_schedule="linear", log_every=50, **HP)
+        text_field="sentence", epochs=epochs, lr_schedule="linear", log_every=50, **HP))
     t0 = time.perf_counter()
     result = finetune_classification(cfg, run_dir=out, progress=False)
     wall = time.perf_counter() - t0

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import alternate, machine, matmul_peak_gflops, median, update_section  # noqa: E402
 
+from lmlab import kernels  # noqa: E402
 from lmlab.models.gpt import GPT, GPTConfig  # noqa: E402
 from lmlab.models.hf import gpt2_state_dict_from_hf  # noqa: E402
 from lmlab.tasks.causal_lm import CausalLMTask  # noqa: E402
@@ -50,14 +51,15 @@ def build_pair():
 
 
 def lmlab_step(model: GPT, batch: dict[str, torch.Tensor], *, compile: bool):
-    """One optimizer step of lmlab's stack on its own copy of the model, set up as the training
-    loop sets up a single process (the flat parameter layout, clipping through the optimizer)."""
+    """One optimizer step of lmlab's stack on its own copy of the model, set up as the causal-LM
+    recipe and the training loop set up a single process: the CPU speed layer where it applies
+    (the C training step, FlatAdamW over the flat parameter layout, clipping through it)."""
     runnable = torch.compile(model) if compile else model
-    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999),
-                                flatten=True)
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999))
     params = [p for p in model.parameters() if p.requires_grad]
     task = CausalLMTask(train_tokens=None, val_tokens=None, block_size=SEQ, batch_size=BATCH,
-                        seed=0, device=torch.device("cpu"))
+                        seed=0, device=torch.device("cpu"),
+                        fast_loss=kernels.training_loss_adapter(model))
     n_targets = batch["labels"].numel()
 
     def step():

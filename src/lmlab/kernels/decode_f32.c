@@ -25,7 +25,6 @@
 #include "gpt_layout.h"
 #include "vec.h"
 
-#define PREFETCH_AHEAD 256 /* floats (1 KiB) ahead of the weight loads */
 
 /* Register tiles: MR input rows x NR weight rows. AVX-512 has 32 vector registers (16
  * accumulators + 4 weight vectors + 1 input vector fit), AVX2 16. */
@@ -41,7 +40,7 @@
  * DEFINE_TILE(MR) defines tile_MR (## pastes the name unexpanded), DEFINE_TILE(1) tile_1. */
 #define DEFINE_TILE(ROWS)                                                                        \
     static inline void tile_##ROWS(const float *x, int64_t ldx, const float *w, int64_t ldw,     \
-                                   int64_t K, int prefetch, float out[ROWS][NR]) {               \
+                                   int64_t K, const float *prefetch, float out[ROWS][NR]) {      \
         vf acc[ROWS][NR];                                                                       \
         for (int i = 0; i < ROWS; i++)                                                          \
             for (int j = 0; j < NR; j++) acc[i][j] = vf_zero();                                 \
@@ -50,7 +49,7 @@
             vf wv[NR];                                                                          \
             for (int j = 0; j < NR; j++) {                                                      \
                 if (prefetch)                                                                   \
-                    _mm_prefetch((const char *)(w + j * ldw + k + PREFETCH_AHEAD), _MM_HINT_T0); \
+                    _mm_prefetch((const char *)(prefetch + j * ldw + k), _MM_HINT_T0);          \
                 wv[j] = vf_load(w + j * ldw + k);                                               \
             }                                                                                   \
             for (int i = 0; i < ROWS; i++) {                                                    \
@@ -97,15 +96,18 @@ static void products(const float *x, int64_t rows, int64_t in, const float *w, i
                 }
             continue;
         }
+        /* While this block is multiplied, the next one is fetched from memory: the tiles
+         * prefetch its rows (a block of K floats per row) as they walk over k. */
+        const float *next = n + 2 * NR <= out ? w + (n + NR) * in : NULL;
         int64_t m = 0;
         for (; m + MR <= rows; m += MR) {
             float dots[MR][NR];
-            tile_MR(x + m * in, in, w + n * in, in, in, m == 0, dots);
+            tile_MR(x + m * in, in, w + n * in, in, in, next, dots);
             for (int i = 0; i < MR; i++) store(y + (m + i) * out, n, dots[i], bias, accumulate);
         }
         for (; m < rows; m++) {
             float dots[1][NR];
-            tile_1(x + m * in, in, w + n * in, in, in, m == 0, dots);
+            tile_1(x + m * in, in, w + n * in, in, in, next, dots);
             store(y + m * out, n, dots[0], bias, accumulate);
         }
     }
@@ -167,17 +169,25 @@ static void layer_norm_rows(const float *x, int64_t rows, int64_t n, const float
 
 /* One query (token m, head h) over the slots 0..own of its cache row: softmax(q.k / sqrt(D)) v
  * into out. Slots whose valid byte is 0 (padding) are skipped, except the query's own slot
- * (as models/kv_cache.py's mask has it). */
+ * (as models/kv_cache.py's mask has it). The scores are a one-row product against the keys
+ * (the tile gives NR independent sums at a time), and the weighted sum of values keeps the
+ * head's output in registers while it streams over the slots. A query's numbers depend on its
+ * own row of the cache only. */
 static void attend(const float *q, const float *k_cache, const float *v_cache, int64_t own,
                    const uint8_t *valid, int64_t D, float scale, float *score, float *out) {
-    float top = -INFINITY;
-    for (int64_t s = 0; s <= own; s++) {
-        if (valid && !valid[s] && s != own) { score[s] = -INFINITY; continue; }
-        score[s] = vf_dot(k_cache + s * D, q, D) * scale;
-        if (score[s] > top) top = score[s];
-    }
     int64_t s = 0;
-    for (; s + 8 <= own + 1; s += 8) {
+    for (; s + NR <= own + 1; s += NR) {
+        float dots[1][NR];
+        tile_1(q, D, k_cache + s * D, D, D, NULL, dots);
+        for (int j = 0; j < NR; j++) score[s + j] = dots[0][j] * scale;
+    }
+    for (; s <= own; s++) score[s] = vf_dot(k_cache + s * D, q, D) * scale;
+    float top = -INFINITY;
+    for (s = 0; s <= own; s++) {
+        if (valid && !valid[s] && s != own) score[s] = -INFINITY;
+        else if (score[s] > top) top = score[s];
+    }
+    for (s = 0; s + 8 <= own + 1; s += 8) {
         const __m256 v = _mm256_loadu_ps(score + s);
         const __m256 masked = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
         const __m256 e = _mm256_blendv_ps(exp8(_mm256_sub_ps(v, _mm256_set1_ps(top))),
@@ -187,9 +197,37 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, i
     for (; s <= own; s++) score[s] = score[s] == -INFINITY ? 0.0f : expf(score[s] - top);
     float total = 0.0f;
     for (s = 0; s <= own; s++) total += score[s];
+    const float inverse = 1.0f / total;
+    const int64_t vectors = D / VW;
+    if (D % VW == 0 && vectors <= 8) {
+        /* Two sets of accumulators (even and odd slots) for ILP when a head is a few vectors */
+        vf even[8], odd[8];
+        #pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) even[i] = odd[i] = vf_zero();
+        for (s = 0; s + 2 <= own + 1; s += 2) {
+            const vf p0 = vf_set1(score[s] * inverse), p1 = vf_set1(score[s + 1] * inverse);
+            const float *v0 = v_cache + s * D, *v1 = v0 + D;
+            #pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                if (i < vectors) {
+                    even[i] = vf_fma(p0, vf_load(v0 + i * VW), even[i]);
+                    odd[i] = vf_fma(p1, vf_load(v1 + i * VW), odd[i]);
+                }
+        }
+        if (s == own) {
+            const vf p0 = vf_set1(score[s] * inverse);
+            #pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                if (i < vectors) even[i] = vf_fma(p0, vf_load(v_cache + s * D + i * VW), even[i]);
+        }
+        #pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            if (i < vectors) vf_store(out + i * VW, vf_add(even[i], odd[i]));
+        return;
+    }
     for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
     for (s = 0; s <= own; s++) {
-        const float weight = score[s] / total, *v = v_cache + s * D;
+        const float weight = score[s] * inverse, *v = v_cache + s * D;
         if (weight != 0.0f)
             for (int64_t d = 0; d < D; d++) out[d] += weight * v[d];
     }

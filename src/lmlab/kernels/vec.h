@@ -20,6 +20,9 @@ typedef __m512 vf;
 static inline vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
 static inline vf vf_zero(void) { return _mm512_setzero_ps(); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vf_set1(float x) { return _mm512_set1_ps(x); }
+static inline void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
 static inline float vf_sum(vf v) {
     return horizontal_sum(_mm256_add_ps(_mm512_castps512_ps256(v),
                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
@@ -30,6 +33,9 @@ typedef __m256 vf;
 static inline vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
 static inline vf vf_zero(void) { return _mm256_setzero_ps(); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vf_set1(float x) { return _mm256_set1_ps(x); }
+static inline void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
 static inline float vf_sum(vf v) { return horizontal_sum(v); }
 #endif
 
