@@ -30,17 +30,24 @@ def test_quick_start_has_exactly_the_two_commands_ci_runs():
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """`lmlab demo`, shortened to a few steps: corpus, tokenizer, training, checkpoint, plot,
-    continuations of every prompt."""
-    result = lmlab("demo", "--steps", "3", "--out", tmp_path / "demo", "--no-progress", cwd=tmp_path)
+    """`lmlab demo` (into its default runs/demo), shortened to a few steps: corpus, tokenizer,
+    training, checkpoint, plot, continuations of every prompt; then the README's library snippet,
+    verbatim, on that run."""
+    result = lmlab("demo", "--steps", "3", "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "validation before training" in out and "validation after training" in out
     for prompt in ("def fibonacci(n):", "class Stack:"):
         assert out.count(prompt) == 2  # greedy and sampled
-    run = tmp_path / "demo"
+    run = tmp_path / "runs" / "demo"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "loss.png", "metrics.jsonl"):
         assert (run / name).is_file(), name
+    snippet = re.search(r"## Using the library.*?```python\n(.*?)```", README, re.S).group(1)
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def fibonacci(n):")
+    assert (tmp_path / "my-model" / "model.safetensors").is_file()
     # a second demo into the same directory replaces the first
     assert lmlab("demo", "--steps", "1", "--out", run, "--no-progress", cwd=tmp_path).returncode == 0
 

@@ -51,6 +51,7 @@ class ModelRunner:
                  role: str = "model"):
         check_decoder(model, role=role)
         self.model = model
+        self.rows = rows
         self.cache = model.new_cache(rows, max_len)
         self.fused = kernels.decoding_adapter(model) if cpu_kernels else None
         self.device = model_device(model)
@@ -60,7 +61,9 @@ class ModelRunner:
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) — (B, 1, V) with `last_only` — of `input_ids` (B, T) continuing
         cache rows start .. start + B, each at its own length."""
-        cache = self.cache.rows(start, start + len(input_ids))
+        rows = len(input_ids)
+        cache = self.cache if start == 0 and rows == self.rows \
+            else self.cache.rows(start, start + rows)
         if self.fused is not None:
             logits = self.fused.forward(input_ids, cache=cache, attention_mask=attention_mask)
             if logits is not None:

@@ -34,6 +34,7 @@
 #define MR 2
 #endif
 #define NR 4
+#define PREFETCH_AHEAD 256 /* floats (1 KiB) ahead of a streamed weight row's loads */
 
 /* out[i][j] = dot(w + j*ldw, x + i*ldx, K) for i < ROWS, j < NR, each summed as vf_dot sums.
  * A macro so that the tile's size is a constant and the accumulators stay in registers;
@@ -69,6 +70,45 @@ DEFINE_TILE(MR)
 DEFINE_TILE(1)
 #endif
 
+/* dots[m] = dot(w, x[m]) for rows m < rows <= STREAM_ROWS: one weight row streamed from
+ * memory once, in order, for all the rows — what a few rows (a token, a few beams) want, where
+ * the tiles' interleaved weight rows stream slower. Summed exactly as vf_dot sums (the tiles'
+ * order): with AVX-512, each 16-lane accumulator as two 8-lane halves, which add lane by lane
+ * as the wide one does and end in the same reduction (vec.h's vf_sum); with AVX2, as is. */
+#define STREAM_ROWS 8
+static inline void dot_rows(const float *w, const float *x, int64_t ldx, int64_t rows,
+                            int64_t K, float *dots) {
+    __m256 lo[STREAM_ROWS], hi[STREAM_ROWS];
+    #pragma GCC unroll 8
+    for (int m = 0; m < STREAM_ROWS; m++) lo[m] = hi[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+#if VW == 16
+    for (; k + 16 <= K; k += 16) {
+        _mm_prefetch((const char *)(w + k + PREFETCH_AHEAD), _MM_HINT_T0);
+        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+        #pragma GCC unroll 8
+        for (int m = 0; m < STREAM_ROWS; m++)
+            if (m < rows) {
+                lo[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + k), lo[m]);
+                hi[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * ldx + k + 8), hi[m]);
+            }
+    }
+#else
+    for (; k + 8 <= K; k += 8) {
+        if (k % 16 == 0) _mm_prefetch((const char *)(w + k + PREFETCH_AHEAD), _MM_HINT_T0);
+        const __m256 w0 = _mm256_loadu_ps(w + k);
+        #pragma GCC unroll 8
+        for (int m = 0; m < STREAM_ROWS; m++)
+            if (m < rows) lo[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + k), lo[m]);
+    }
+#endif
+    for (int m = 0; m < rows; m++) {
+        float s = horizontal_sum(_mm256_add_ps(lo[m], hi[m]));
+        for (int64_t kk = k; kk < K; kk++) s = fmaf(w[kk], x[m * ldx + kk], s);
+        dots[m] = s;
+    }
+}
+
 /* y[n + j] (+)= dots[j] + bias[n + j] for the NR outputs of one block of one row. */
 static inline void store(float *y, int64_t n, const float *dots, const float *bias,
                          int accumulate) {
@@ -83,6 +123,19 @@ static inline void store(float *y, int64_t n, const float *dots, const float *bi
  * the output blocks, so each weight row is read from memory once per call. */
 static void products(const float *x, int64_t rows, int64_t in, const float *w, int64_t out,
                      const float *bias, float *y, int accumulate) {
+    if (rows <= STREAM_ROWS) {
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < out; n++) {
+            float dots[STREAM_ROWS];
+            dot_rows(w + n * in, x, in, rows, in, dots);
+            for (int64_t m = 0; m < rows; m++) {
+                const float v = dots[m] + (bias ? bias[n] : 0.0f);
+                if (accumulate) y[m * out + n] += v;
+                else y[m * out + n] = v;
+            }
+        }
+        return;
+    }
     const int64_t blocks = (out + NR - 1) / NR;
     #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
@@ -167,21 +220,32 @@ static void layer_norm_rows(const float *x, int64_t rows, int64_t n, const float
         layer_norm(x + m * n, w, b, eps, n, out + m * n);
 }
 
+/* A short dot product (a head's width, for attention's scores): four chains of 8 lanes, which
+ * suit a 64-wide head better than one 16-lane chain and its reduction. */
+static inline float dot8(const float *a, const float *b, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), a3);
+    }
+    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+    float s = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < n; k++) s = fmaf(a[k], b[k], s);
+    return s;
+}
+
 /* One query (token m, head h) over the slots 0..own of its cache row: softmax(q.k / sqrt(D)) v
  * into out. Slots whose valid byte is 0 (padding) are skipped, except the query's own slot
- * (as models/kv_cache.py's mask has it). The scores are a one-row product against the keys
- * (the tile gives NR independent sums at a time), and the weighted sum of values keeps the
- * head's output in registers while it streams over the slots. A query's numbers depend on its
- * own row of the cache only. */
+ * (as models/kv_cache.py's mask has it). The weighted sum of values keeps the head's output
+ * in registers while it streams over the slots. A query's numbers depend on its own row of the
+ * cache only. */
 static void attend(const float *q, const float *k_cache, const float *v_cache, int64_t own,
                    const uint8_t *valid, int64_t D, float scale, float *score, float *out) {
     int64_t s = 0;
-    for (; s + NR <= own + 1; s += NR) {
-        float dots[1][NR];
-        tile_1(q, D, k_cache + s * D, D, D, NULL, dots);
-        for (int j = 0; j < NR; j++) score[s + j] = dots[0][j] * scale;
-    }
-    for (; s <= own; s++) score[s] = vf_dot(k_cache + s * D, q, D) * scale;
+    for (; s <= own; s++) score[s] = dot8(k_cache + s * D, q, D) * scale;
     float top = -INFINITY;
     for (s = 0; s <= own; s++) {
         if (valid && !valid[s] && s != own) score[s] = -INFINITY;
