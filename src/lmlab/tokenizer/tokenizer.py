@@ -3,10 +3,9 @@
 The `tokenizers` library does the real work (training, encoding, the `tokenizer.json` format);
 this module only picks GPT-2's byte-level BPE settings or BERT's WordPiece pipeline (see
 `wordpiece.py`), builds a char-level vocabulary for char-LM experiments, reads and writes the
-Hugging Face files, and turns the library's bare exceptions into `lmlab.errors` that name the
-input at fault. Text pairs for encoders are encoded by `encoding.py`. (Over 600 lines since
-tokenizer_config.json round-trips every key and chat template: that file handling is the part
-to move to its own module.)
+Hugging Face files (their format: `hf_files.py`), and turns the library's bare exceptions into
+`lmlab.errors` that name the input at fault. Text pairs for encoders are encoded by
+`encoding.py`.
 """
 
 from __future__ import annotations
@@ -18,16 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
 from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
 from lmlab.fileio import atomic_write_text
 from lmlab.tokenizer import wordpiece
+from lmlab.tokenizer.hf_files import (END_OF_TEXT, MANAGED_KEYS, NO_MAX_LENGTH, ROLES,
+                                      byte_level, is_chat_template, load_directory,
+                                      load_tokenizer_json, read_additional, read_chat_template,
+                                      read_json, read_roles, read_text,
+                                      remove_chat_template_files)
 from lmlab.tokenizer.encoding import EncodedBatch, Encoding, Padding, Truncation, encode_pairs
 
-END_OF_TEXT = "<|endoftext|>"
-_ROLES = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")
 # Roles a GPT-2 tokenizer does not have: written to tokenizer_config.json only when set, so a
 # BPE tokenizer's files stay exactly as before.
 _ENCODER_ROLES = ("cls", "sep", "mask")
@@ -39,16 +41,6 @@ _CHAR_SPLIT = {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "I
 # Building the lookup table costs ~35 µs (the backend's JSON, parsed), ~20 characters of the
 # backend's pipeline: shorter inputs (prompts) go straight to the backend.
 _CHAR_TABLE_MIN_CHARS = 4096
-# transformers writes this VERY_LARGE_INTEGER to mean "no known maximum length".
-_NO_MAX_LENGTH = int(1e30)
-# tokenizer_config.json keys written from the Tokenizer's state; every other key read from the
-# file is kept in `extra_config` and written back as it was, so that nothing is silently dropped.
-_MANAGED_KEYS = {f"{role}_token" for role in _ROLES} | {
-    "tokenizer_class", "model_max_length", "chat_template"}
-# Where transformers 5 writes chat templates; these files take priority over the config's key.
-_CHAT_TEMPLATE_FILE, _CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"
-
-
 class _SpecialToken:
     """`tokenizer.cls_token` (the string, or None) and `tokenizer.cls_token_id` (its id): one
     read-only attribute per role and form."""
@@ -110,7 +102,7 @@ class Tokenizer:
 
     @chat_template.setter
     def chat_template(self, value: str | list[dict[str, str]] | None) -> None:
-        if not _is_chat_template(value):
+        if not is_chat_template(value):
             raise ConfigError("chat_template must be a Jinja string, a list of {'name': ...,"
                               f" 'template': ...}} objects or None, got {value!r:.80}")
         self._chat_template = value
@@ -138,7 +130,7 @@ class Tokenizer:
                               f" byte tokens + {len(specials)} special tokens), got {vocab_size!r}")
         if not isinstance(min_frequency, int) or min_frequency < 1:
             raise ConfigError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
-        backend = _byte_level(Backend(models.BPE()))
+        backend = byte_level(Backend(models.BPE()))
         # Seeding the trainer with all 256 byte symbols makes every byte encodable, whatever the
         # training text.
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
@@ -211,7 +203,7 @@ class Tokenizer:
         if (text is None) == (files is None):
             raise ConfigError("char_level needs exactly one of text= or files=")
         if files is not None:
-            text = "".join(_read_text(p) for p in _training_files(files, None) or ())
+            text = "".join(read_text(p) for p in _training_files(files, None) or ())
         if not isinstance(text, str) or not text:
             raise DataError("char_level needs non-empty training text")
         specials, roles = _specials(special_tokens, pad_token)
@@ -235,33 +227,33 @@ class Tokenizer:
             raise CheckpointError(f"{path}: no such file or directory; expected a tokenizer"
                                   " directory or a tokenizer.json file")
         directory = path.parent if path.is_file() else path
-        config = _read_json(directory / "tokenizer_config.json")
-        backend = (_load_tokenizer_json(path) if path.is_file()
-                   else _load_directory(path, config))
+        config = read_json(directory / "tokenizer_config.json")
+        backend = (load_tokenizer_json(path) if path.is_file()
+                   else load_directory(path, config))
         # A tokenizer.json may carry fixed padding/truncation (MiniLM's pads everything to 128);
         # transformers overrides them per call, and so do we: encode() returns the text's tokens.
         backend.no_truncation()
         backend.no_padding()
-        named = {**_read_json(directory / "special_tokens_map.json"), **config}
-        roles = _read_roles(named, backend, directory)
+        named = {**read_json(directory / "special_tokens_map.json"), **config}
+        roles = read_roles(named, backend, directory)
         where = directory / "tokenizer_config.json"
-        key, additional = _read_additional(named, where)
+        key, additional = read_additional(named, where)
         # As transformers does, make the named tokens special: matched whole in the input text.
         added = {t.content for t in backend.get_added_tokens_decoder().values()}
         missing = sorted(({t for t in roles.values() if t is not None} | set(additional)) - added)
         backend.add_special_tokens([_special(t) for t in missing])
-        managed = _MANAGED_KEYS | ({key} if additional else set())
+        managed = MANAGED_KEYS | ({key} if additional else set())
         extra = {k: v for k, v in config.items() if k not in managed}
         max_length = config.get("model_max_length")
         if max_length is not None and (not isinstance(max_length, (int, float)) or max_length < 1):
             raise CheckpointError(f"{where}: model_max_length must be a positive int, got"
                                   f" {max_length!r}")
-        if max_length is not None and max_length >= _NO_MAX_LENGTH:
+        if max_length is not None and max_length >= NO_MAX_LENGTH:
             extra["model_max_length"] = max_length  # "no known maximum": written back as read
             max_length = None
         tokenizer = cls(backend, **roles, additional_special_tokens=additional,
                         model_max_length=None if max_length is None else int(max_length),
-                        chat_template=_read_chat_template(directory, config), extra_config=extra)
+                        chat_template=read_chat_template(directory, config), extra_config=extra)
         tokenizer._additional_key = key
         return tokenizer
 
@@ -285,7 +277,7 @@ class Tokenizer:
             present["additional_special_tokens"] = self.additional_special_tokens
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _remove_chat_template_files(directory)
+        remove_chat_template_files(directory)
         if self.kind == "wordpiece":
             # BERT's files: vocab.txt (the vocabulary older tools read) and the normalizer
             # options transformers' BertTokenizer needs to rebuild the same pipeline from it.
@@ -434,7 +426,7 @@ class Tokenizer:
     def special_token_ids(self) -> frozenset[int]:
         """Ids of every special token (named roles and added special tokens): never masked,
         never a prediction target of masked LM."""
-        ids = {i for i in (self._role_id(role) for role in _ROLES) if i is not None}
+        ids = {i for i in (self._role_id(role) for role in ROLES) if i is not None}
         ids.update(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
         return frozenset(ids)
 
@@ -496,14 +488,6 @@ class StreamDecoder:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
 
-def _byte_level(backend: Backend) -> Backend:
-    """GPT-2's pipeline: bytes mapped to printable characters, no prefix space, offsets kept."""
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    return backend
-
-
 def _specials(special_tokens: Sequence[str],
               pad_token: str | None) -> tuple[list[str], dict[str, str | None]]:
     """The special tokens to add, and their roles: as in GPT-2, one end-of-text token serves as
@@ -535,125 +519,6 @@ def _training_files(files: Sequence[str | Path] | str | Path | None,
 def _special(token: str) -> AddedToken:
     # Not normalized: a special token is matched in the raw text, as transformers does.
     return AddedToken(token, special=True, normalized=False)
-
-
-def _read_text(path: Path) -> str:
-    try:  # bytes, not read_text(): universal newlines would turn "\r\n" into "\n"
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from error
-
-
-def _load_tokenizer_json(path: Path) -> Backend:
-    try:
-        return Backend.from_file(str(path))
-    except Exception as error:  # tokenizers raises a bare Exception for malformed files
-        raise CheckpointError(f"{path}: not a valid tokenizer.json ({error})") from error
-
-
-def _load_directory(directory: Path, config: dict[str, Any]) -> Backend:
-    if (directory / "tokenizer.json").is_file():
-        return _load_tokenizer_json(directory / "tokenizer.json")
-    vocab, merges = directory / "vocab.json", directory / "merges.txt"
-    if not vocab.is_file() and not merges.is_file():
-        if (directory / "vocab.txt").is_file():
-            return wordpiece.load_vocab_txt(directory, config)
-        raise CheckpointError(f"{directory}: no tokenizer found; expected tokenizer.json,"
-                              " GPT-2's vocab.json + merges.txt, or BERT's vocab.txt")
-    for required in (vocab, merges):
-        if not required.is_file():
-            raise CheckpointError(f"{required}: not found; GPT-2 tokenizers need vocab.json +"
-                                  " merges.txt")
-    try:  # BPE's defaults are the settings transformers' GPT2TokenizerFast uses for these files
-        return _byte_level(Backend(models.BPE.from_file(str(vocab), str(merges))))
-    except Exception as error:
-        raise CheckpointError(f"{directory}: cannot read vocab.json + merges.txt"
-                              f" ({error})") from error
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _read_additional(config: dict[str, Any], where: Path) -> tuple[str, list[str]]:
-    """(the key, the tokens) of additional_special_tokens, which transformers 5 names
-    extra_special_tokens (a dict there names model-specific tokens: an extra key, kept as is)."""
-    key = "additional_special_tokens"
-    if key not in config and isinstance(config.get("extra_special_tokens"), list):
-        key = "extra_special_tokens"
-    value = config.get(key) or []
-    tokens = [t.get("content") if isinstance(t, dict) else t for t in value] \
-        if isinstance(value, list) else [None]
-    if not all(isinstance(t, str) and t for t in tokens):
-        raise CheckpointError(f"{where}: {key} must be a list of strings or {{'content': ...}}"
-                              f" objects, got {value!r:.80}")
-    return key, tokens
-
-
-def _is_chat_template(value: Any) -> bool:
-    return value is None or isinstance(value, str) or (
-        isinstance(value, list) and bool(value) and all(
-            isinstance(t, dict) and isinstance(t.get("name"), str)
-            and isinstance(t.get("template"), str) for t in value))
-
-
-def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | list | None:
-    """The config's chat_template, unless transformers 5's template files are there: as in
-    transformers, they take priority, and several become its [{"name", "template"}] list."""
-    paths = {"default": directory / _CHAT_TEMPLATE_FILE,
-             **{p.stem: p for p in sorted((directory / _CHAT_TEMPLATE_DIR).glob("*.jinja"))}}
-    found = {name: _read_text(path) for name, path in paths.items() if path.is_file()}
-    if found:
-        return found["default"] if list(found) == ["default"] else [
-            {"name": name, "template": template} for name, template in found.items()]
-    template = config.get("chat_template")
-    if not _is_chat_template(template):
-        raise CheckpointError(f"{directory / 'tokenizer_config.json'}: chat_template must be a"
-                              " string or a list of {'name': ..., 'template': ...} objects, got"
-                              f" {template!r:.80}")
-    return template
-
-
-def _remove_chat_template_files(directory: Path) -> None:
-    # transformers 5 would read a stale chat_template.jinja instead of tokenizer_config.json's
-    # chat_template: the directory must describe this tokenizer alone.
-    stale = [directory / _CHAT_TEMPLATE_FILE, *(directory / _CHAT_TEMPLATE_DIR).glob("*.jinja")]
-    for path in stale:
-        path.unlink(missing_ok=True)
-
-
-def _read_roles(config: dict[str, Any], backend: Backend,
-                directory: Path) -> dict[str, str | None]:
-    """`{role}_token` from the configs (a string, null or an AddedToken dict); a role they do not
-    name defaults, as for GPT-2's bare files, to <|endoftext|> (bos/eos/pad) when it is in the
-    vocabulary, and for a WordPiece vocabulary to BERT's [PAD] [UNK] [CLS] [SEP] [MASK]."""
-    defaults: dict[str, str] = {}
-    if backend.token_to_id(END_OF_TEXT) is not None:
-        defaults.update(bos=END_OF_TEXT, eos=END_OF_TEXT, pad=END_OF_TEXT)
-    if type(backend.model).__name__ == "WordPiece":
-        defaults.update({role: token for role, token in wordpiece.BERT_SPECIALS.items()
-                         if backend.token_to_id(token) is not None})
-    roles: dict[str, str | None] = {}
-    for role in _ROLES:
-        key = f"{role}_token"
-        value = config.get(key)
-        if key not in config:
-            value = defaults.get(role)
-        elif isinstance(value, dict) and isinstance(value.get("content"), str):
-            value = value["content"]
-        elif value is not None and not isinstance(value, str):
-            raise CheckpointError(f"{directory}: {key} must be a string or a {{'content': ...}}"
-                                  f" object, got {value!r}")
-        roles[key] = value
-    return roles
 
 
 def _lookup_chars(text: str, points: np.ndarray, ids: np.ndarray, added: list[str]
