@@ -21,8 +21,8 @@ from lmlab.models.bert import BertForSequenceClassification
 from lmlab.models.gpt import GPTForSequenceClassification
 from lmlab.models.hf import record_for
 from lmlab.recipes import run_steps
-from lmlab.recipes.finetuning import (FinetuneConfig, FinetunedRun, FinetuneResult, check_length,
-                                      family_class, pad_id, start, train_epochs)
+from lmlab.recipes.finetuning import (FinetuneConfig, FinetuneResult, FinetunedRun, check_length,
+                                      family_class, finish, pad_id, start, train_epochs)
 from lmlab.recipes.registry import Recipe, register_recipe
 from lmlab.tasks import classification as clf
 from lmlab.tokenizer import Tokenizer
@@ -112,12 +112,8 @@ def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str |
     model.eval()
     scores, predictions = _report(model, cfg, examples, data, labels, task, run_dir=run_dir,
                                   split=split, probs=known)
-    wall = time.perf_counter() - t0
-    run_steps.write_results(run_dir, result, wall_seconds=wall,
-                            extra={"test": scores} if test else {})
-    return FinetuneResult(run_dir=run_dir, train=result,
-                          validation=result.best_metrics or result.metrics,
-                          test=scores if test else {}, wall_seconds=wall, predictions=predictions)
+    return finish(run_dir, result, started=t0, test=scores if test else None,
+                  predictions=predictions)
 
 
 def _report(model, cfg, examples, data: clf.Encoded, labels: list[str], task, *, run_dir: Path,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,18 @@ class FinetuneResult:
     test: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     predictions: Path | None = None
+
+
+def finish(run_dir: Path, result: TrainResult, *, started: float, test: dict[str, float] | None,
+           predictions: Path | None) -> FinetuneResult:
+    """results.json (the best epoch's validation figures, the test figures when there is a test
+    split, timings) and the run's result."""
+    wall = time.perf_counter() - started
+    run_steps.write_results(run_dir, result, wall_seconds=wall,
+                            extra={"test": test} if test is not None else {})
+    return FinetuneResult(run_dir=run_dir, train=result,
+                          validation=result.best_metrics or result.metrics, test=test or {},
+                          wall_seconds=wall, predictions=predictions)
 
 
 # -- starting a run ------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from lmlab.evaluation.squad import best_over_gold, squad_scores
 from lmlab.fileio import atomic_write_bytes
 from lmlab.models.bert import BertForQuestionAnswering
 from lmlab.recipes import run_steps
-from lmlab.recipes.finetuning import (FinetuneConfig, FinetunedRun, FinetuneResult, check_length,
-                                      family_class, finetuning_optim, pad_id, start,
+from lmlab.recipes.finetuning import (FinetuneConfig, FinetuneResult, FinetunedRun, check_length,
+                                      family_class, finetuning_optim, finish, pad_id, start,
                                       train_epochs)
 from lmlab.recipes.registry import Recipe, register_recipe
 from lmlab.tasks import qa
@@ -94,12 +94,8 @@ def finetune_qa(cfg: FinetuneQAConfig, *, run_dir: str | Path, resume: bool = Fa
     model.eval()
     scores, predictions = _report(model, task, examples, windows,
                                   out=run_dir / f"predictions_{split}.jsonl")
-    wall = time.perf_counter() - t0
-    run_steps.write_results(run_dir, result, wall_seconds=wall,
-                            extra={"test": scores} if test else {})
-    return FinetuneResult(run_dir=run_dir, train=result,
-                          validation=result.best_metrics or result.metrics,
-                          test=scores if test else {}, wall_seconds=wall, predictions=predictions)
+    return finish(run_dir, result, started=t0, test=scores if test else None,
+                  predictions=predictions)
 
 
 def _report(model, task: qa.QATask, examples, windows, *,
