@@ -67,6 +67,24 @@ def test_rows_that_join_and_leave_get_the_tokens_they_get_alone(gpt, cpu_kernels
     assert all(row.finish_reason == "length" for row in rows)
 
 
+def test_a_beam_search_among_other_rows_that_finish_keeps_its_beams_in_order(gpt):
+    """Rows that finish leave gaps, which rows from the end close: a beam search's rows then sit
+    in the cache out of their own order, and must still be handed to it in order."""
+    beam = GenerationConfig(max_new_tokens=8, num_beams=3, num_return_sequences=2, eos_token_id=[])
+    expected = lmlab.generate(gpt, prompt(6, 1)[None], max_new_tokens=8, num_beams=3,
+                              num_return_sequences=2, eos_token_id=[])
+    engine = Engine(gpt, max_rows=6, max_len=20)
+    for new in (2, 6, 2):  # the first and third leave after two steps, the second stays
+        engine.add(prompt(5, new), GenerationConfig(max_new_tokens=new, eos_token_id=[]))
+    rows = engine.add(prompt(6, 1), beam)
+    engine.step()
+    engine.step()
+    assert sorted(row.index for row in rows) == [0, 1, 2]
+    assert [row.slot for row in rows] != sorted(row.slot for row in rows)  # moved out of order
+    engine.run()
+    assert torch.equal(rows[0].group.output(), expected)
+
+
 def test_a_cancelled_row_leaves_and_the_others_do_not_notice(gpt):
     ids = [prompt(6, 7), prompt(4, 8), prompt(8, 9)]
     expected = [alone(gpt, p, max_new_tokens=10) for p in ids]

@@ -115,11 +115,6 @@ class _Group:
         self.rows = [Row(group=self, index=i, budget=budget) for i in range(rows)]
         self.done = False
 
-    @property
-    def prompt_rows(self) -> int:
-        """Rows the prompt is prefilled on (the rest, beams, are copies of these)."""
-        return len(self.rows)
-
     def expand(self) -> list[int] | None:
         """After prefill: for each row, the prefilled row it starts as a copy of (None: each
         row is its own)."""
@@ -165,7 +160,8 @@ class _SamplingGroup(_Group):
             scores = scores.float()
             if len(self.chains) == 1:
                 scores = apply_processors(next(iter(self.chains.values())), ids, scores)
-            else:
+            else:  # rows whose left padding differs, under a repetition penalty
+                scores = scores.clone()
                 for key, chain in self.chains.items():
                     part = torch.tensor([i for i, r in enumerate(index) if self.chain_key[r] == key],
                                         dtype=torch.long, device=scores.device)
@@ -210,10 +206,6 @@ class _BeamGroup(_Group):
         self.processors = config.logits_processors(prompt_len=self.prompt_len,
                                                    attention_mask=beam_mask)
         self.cur_len = self.prompt_len
-
-    @property
-    def prompt_rows(self) -> int:
-        return len(self.input_ids)
 
     def expand(self) -> list[int]:
         # All beams of a prompt start equal: one prefill per prompt, then copies.
@@ -366,9 +358,14 @@ class Engine:
             return events
 
     def _running_groups(self) -> list[tuple[_Group, list[Row]]]:
+        """Each group with its running rows in the group's own order (closing gaps moves rows
+        between cache rows, so slot order is not theirs: beam search needs its beams in
+        order)."""
         groups: dict[int, tuple[_Group, list[Row]]] = {}
         for row in self.running:
             groups.setdefault(id(row.group), (row.group, []))[1].append(row)
+        for _, rows in groups.values():
+            rows.sort(key=lambda row: row.index)
         return list(groups.values())
 
     def _record(self, group: _Group, rows: list[Row], tokens: list[int]) -> list[Event]:
