@@ -171,13 +171,19 @@ def run(args) -> int:
     draft = load_decoder(args.draft_model, flag="--draft-model") if args.draft_model else None
     for prompt in prompts:
         ids = torch.tensor([tokenizer.encode(prompt)])
-        try:  # the library's one context-window check, in the command line's words
-            config.budget(ids.shape[1], model=model)
+        try:
+            new = config.new_tokens_for(ids.shape[1])
         except ValueError as err:
-            budget = (f"--max-new-tokens {config.max_new_tokens}" if args.max_new_tokens
-                      else f"--max-length {config.max_length}" if config.max_length
-                      else f"the default of {DEFAULT_MAX_NEW_TOKENS} new tokens")
-            raise ConfigError(f"--prompt is {ids.shape[1]} tokens; with {budget}: {err}") from None
+            raise ConfigError(f"--max-length: {err}") from None
+        try:  # the library's one context-window check, said in the command line's words
+            config.budget(ids.shape[1], model=model)
+        except ValueError:
+            budget = (f"--max-length {config.max_length}" if config.max_new_tokens is None
+                      else f"--max-new-tokens {new}" if args.max_new_tokens is not None
+                      else f"the default of {new} new tokens")
+            raise ConfigError(f"--prompt is {ids.shape[1]} tokens; with {budget} that exceeds "
+                              f"the model's context window of {model.context_window} tokens"
+                              ) from None
         streamable = config.num_beams == 1 and config.num_return_sequences == 1 and draft is None
         if streamable:  # one token iterator feeds the terminal as it goes
             sys.stdout.write(prompt)
