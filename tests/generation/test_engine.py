@@ -277,3 +277,80 @@ def test_a_model_that_is_not_a_gpt_decodes_through_the_protocol(knobs):
                                 **knobs)
     assert torch.equal(cached, recomputed)
     assert cached.shape[1] == ids.shape[1] + knobs["max_new_tokens"]
+
+
+# -- an encoder–decoder: state carried beside the cache ---------------------------------------
+class ToySeq2Seq(ToyDecoder):
+    """ToyDecoder plus an encoder: each decoder token also attends to its row's source, whose
+    encoding `encode` writes into the cache's per-row `extras` — the way an encoder–decoder's
+    cross-attention keys and values ride along with the rows the engine moves."""
+
+    SOURCE = 12  # the longest source a cache row holds
+
+    def __init__(self):
+        super().__init__()
+        self.source_embed = nn.Embedding(29, self.embed.embedding_dim)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None):
+        cache = super().new_cache(batch_size, max_len)
+        width = self.embed.embedding_dim
+        cache.extras["memory"] = torch.zeros(batch_size, self.SOURCE, width)
+        cache.extras["memory_mask"] = torch.zeros(batch_size, self.SOURCE, dtype=torch.bool)
+        return cache
+
+    def encode(self, source_ids, *, attention_mask=None, cache):
+        length = source_ids.shape[1]
+        cache.extras["memory"][:, :length] = self.source_embed(source_ids)
+        cache.extras["memory_mask"].fill_(False)
+        cache.extras["memory_mask"][:, :length] = (
+            True if attention_mask is None else attention_mask.bool())
+
+    def forward(self, input_ids, *, cache, attention_mask=None, last_only=False):
+        step = cache.begin(input_ids.shape[1], attention_mask)
+        memory, mask = cache.extras["memory"], cache.extras["memory_mask"]
+
+        def write(k, v):  # the cached self-attention's keys/values, then the source's
+            k, v = cache.update(0, k, v, step)
+            return torch.cat([k, memory[:, None]], dim=2), torch.cat([v, memory[:, None]], dim=2)
+
+        T = input_ids.shape[1]
+        own = step.mask if step.mask is not None else torch.ones(
+            len(input_ids), 1, T, step.keys, dtype=torch.bool).tril(step.keys - T)
+        full = torch.cat([own, mask[:, None, None, :].expand(-1, 1, T, -1)], dim=-1)
+        logits = self.mix(input_ids, step.positions, full, False, write=write)
+        cache.commit(step)
+        return logits[:, -1:] if last_only else logits
+
+
+@pytest.mark.parametrize("knobs", [dict(), dict(num_beams=3, num_return_sequences=2),
+                                   dict(do_sample=True, seed=2, top_k=6)],
+                         ids=["greedy", "beam", "sampling"])
+def test_an_encoder_decoder_carries_its_source_beside_the_cache(knobs):
+    """Two sources of different lengths, one decoder start token each: decoded as two groups,
+    the second joining a running batch, and each alone — every row the same, so the encoder
+    state followed its rows through prefill, beam expansion and the rows' moves."""
+    model = ToySeq2Seq().eval()
+    sources = [torch.randint(1, 29, (n,), generator=torch.Generator().manual_seed(n))
+               for n in (9, 5)]
+    start = torch.tensor([[1]])
+    config = GenerationConfig(max_new_tokens=7, eos_token_id=[], **knobs)
+
+    def decode(groups):
+        engine = Engine(model, max_rows=6, max_len=12)
+        rows = []
+        for i, source in enumerate(groups):
+            rows.append(engine.add(start, config, source_ids=source[None]))
+            if i == 0:
+                engine.step()  # the second group joins a running batch
+        engine.run()
+        return [(r[0].group.output() if knobs.get("num_beams") else [row.tokens for row in r])
+                for r in rows]
+
+    alone = [decode([source])[0] for source in sources]
+    together = decode(sources)
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b) if knobs.get("num_beams") else a == b
+    assert (alone[0] != alone[1]) if not knobs.get("num_beams") else \
+        not torch.equal(alone[0], alone[1])  # the source decides the output
+    with pytest.raises(TypeError, match="encode"):
+        Engine(ToyDecoder(), max_rows=1, max_len=8).add(start, config, source_ids=sources[0][None])

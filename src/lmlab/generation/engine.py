@@ -56,14 +56,25 @@ class ModelRunner:
         self.fused = kernels.decoding_adapter(model) if cpu_kernels else None
         self.device = model_device(model)
 
+    def _rows(self, start: int, count: int):
+        """Cache rows start .. start + count: the cache itself when that is all of it."""
+        if start == 0 and count == self.rows:
+            return self.cache
+        return self.cache.rows(start, start + count)
+
+    def encode(self, source_ids: torch.Tensor, source_mask: torch.Tensor | None, *,
+               start: int = 0) -> None:
+        """An encoder–decoder's sources, one per cache row from `start`: the model keeps what
+        its decoder reads (the encoder's output) in those rows' `extras`."""
+        self.model.encode(source_ids, attention_mask=source_mask,
+                          cache=self._rows(start, len(source_ids)))
+
     def forward(self, input_ids: torch.Tensor, *, start: int = 0,
                 attention_mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) — (B, 1, V) with `last_only` — of `input_ids` (B, T) continuing
         cache rows start .. start + B, each at its own length."""
-        rows = len(input_ids)
-        cache = self.cache if start == 0 and rows == self.rows \
-            else self.cache.rows(start, start + rows)
+        cache = self._rows(start, len(input_ids))
         if self.fused is not None:
             logits = self.fused.forward(input_ids, cache=cache, attention_mask=attention_mask)
             if logits is not None:
@@ -107,8 +118,10 @@ class _Group:
     """Rows added together: one config, one prompt length (left padding included)."""
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 config: GenerationConfig, budget: int, rows: int):
+                 config: GenerationConfig, budget: int, rows: int,
+                 source: tuple[torch.Tensor, torch.Tensor | None] | None = None):
         self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.source = source  # an encoder–decoder's (source_ids, source_mask), one per prompt
         self.config = config
         self.prompt_len = input_ids.shape[1]
         self.budget = budget
@@ -125,8 +138,9 @@ class _SamplingGroup(_Group):
     """Greedy decoding or sampling: each row picks its own token."""
 
     def __init__(self, input_ids, attention_mask, config, budget, *, device, tokenizer,
-                 stream_text: bool):
-        super().__init__(input_ids, attention_mask, config, budget, rows=len(input_ids))
+                 stream_text: bool, source=None):
+        super().__init__(input_ids, attention_mask, config, budget, rows=len(input_ids),
+                         source=source)
         self.eos = set(config.eos_token_id)
         # Prompt + produced tokens of every row, what the processors see (rows in lockstep).
         self.sequence = torch.empty(len(input_ids), self.prompt_len + budget, dtype=torch.long,
@@ -194,9 +208,10 @@ class _SamplingGroup(_Group):
 class _BeamGroup(_Group):
     """Beam search over B prompts: B · num_beams rows that choose their tokens together."""
 
-    def __init__(self, input_ids, attention_mask, config, budget, *, device):
+    def __init__(self, input_ids, attention_mask, config, budget, *, device, source=None):
         batch, nb = len(input_ids), config.num_beams
-        super().__init__(input_ids, attention_mask, config, budget, rows=batch * nb)
+        super().__init__(input_ids, attention_mask, config, budget, rows=batch * nb,
+                         source=source)
         self.state = BeamState(input_ids, config, total=self.prompt_len + budget)
         self.draw = CandidateSampler(config, batch=batch, device=device) if config.do_sample else None
         beam_mask = None
@@ -255,25 +270,27 @@ class Engine:
 
     # -- adding and removing rows ----------------------------------------------------------------
     def add(self, input_ids: torch.Tensor | list[int], config: GenerationConfig, *,
-            attention_mask: torch.Tensor | None = None, stream_text: bool = False) -> list[Row]:
+            attention_mask: torch.Tensor | None = None, stream_text: bool = False,
+            source_ids: torch.Tensor | None = None,
+            source_mask: torch.Tensor | None = None) -> list[Row]:
         """Queue a prompt (1-D, or (B, P) with `attention_mask` marking left padding) to decode
         with `config`; it joins the running batch at the next step. Returns its rows in order
         (for num_return_sequences > 1 with sampling, each prompt's samples follow each other;
         for beam search, every beam of every prompt). Lengths are checked here, before any
         work. `stream_text` gives each row's events their decoded text (needs the engine's
-        tokenizer)."""
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty (batch, prompt_len) tensor, got "
-                             f"shape {tuple(input_ids.shape)}")
-        input_ids = input_ids.to(self.device)
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask must have the shape of input_ids "
-                                 f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
-            attention_mask = attention_mask.to(self.device)
+        tokenizer). An encoder–decoder takes one source per prompt (`source_ids`, with
+        `source_mask` for padding), which its `encode` reads when the group joins; the prompt is
+        then the decoder's start."""
+        input_ids, attention_mask = self._tensors(input_ids, attention_mask,
+                                                  ("input_ids", "attention_mask"))
+        source = None
+        if source_ids is not None:
+            if not callable(getattr(self.model, "encode", None)):
+                raise TypeError(f"source_ids given, but the model ({type(self.model).__name__}) "
+                                "has no encode(): it is not an encoder–decoder")
+            source = self._tensors(source_ids, source_mask, ("source_ids", "source_mask"))
+            if len(source[0]) != len(input_ids):
+                raise ValueError(f"{len(source[0])} sources for {len(input_ids)} prompts")
         if (config.stop_strings or stream_text) and self.tokenizer is None:
             what = "stop_strings" if config.stop_strings else "streamed text"
             raise ValueError(f"{what} needs the tokenizer: Engine(..., tokenizer=tok) or "
@@ -282,22 +299,7 @@ class Engine:
         if input_ids.shape[1] + budget > self.max_len:
             raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + {budget} new tokens "
                              f"exceeds this engine's max_len of {self.max_len}")
-        if config.num_beams > 1:
-            if config.stop_strings:
-                raise ValueError("stop_strings are not supported with beam search yet; drop "
-                                 "stop_strings or use num_beams=1")
-            if stream_text:
-                raise ValueError("beam search's tokens are final only at its end: it cannot "
-                                 "stream text")
-            group = _BeamGroup(input_ids, attention_mask, config, budget, device=self.device)
-        else:
-            if config.num_return_sequences > 1:  # sampled: each prompt repeated, as transformers
-                input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
-                if attention_mask is not None:
-                    attention_mask = attention_mask.repeat_interleave(config.num_return_sequences,
-                                                                      dim=0)
-            group = _SamplingGroup(input_ids, attention_mask, config, budget, device=self.device,
-                                   tokenizer=self.tokenizer, stream_text=stream_text)
+        group = self._group(input_ids, attention_mask, config, budget, source, stream_text)
         if len(group.rows) > self.max_rows:
             raise ValueError(f"{len(group.rows)} rows (prompts × beams or samples) exceed this "
                              f"engine's max_rows of {self.max_rows}")
@@ -309,6 +311,40 @@ class Engine:
             else:
                 self.waiting.append(group)
         return group.rows
+
+    def _tensors(self, ids, mask, names: tuple[str, str]):
+        """`ids` as a (B, T) long tensor on the model's device, and its checked mask."""
+        name, mask_name = names
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"{name} must be a non-empty (batch, length) tensor, got shape "
+                             f"{tuple(ids.shape)}")
+        if mask is not None:
+            if mask.shape != ids.shape:
+                raise ValueError(f"{mask_name} must have the shape of {name} "
+                                 f"{tuple(ids.shape)}, got {tuple(mask.shape)}")
+            mask = mask.to(self.device)
+        return ids.to(self.device), mask
+
+    def _group(self, input_ids, attention_mask, config, budget, source, stream_text) -> _Group:
+        if config.num_beams > 1:
+            if config.stop_strings:
+                raise ValueError("stop_strings are not supported with beam search yet; drop "
+                                 "stop_strings or use num_beams=1")
+            if stream_text:
+                raise ValueError("beam search's tokens are final only at its end: it cannot "
+                                 "stream text")
+            return _BeamGroup(input_ids, attention_mask, config, budget, device=self.device,
+                              source=source)
+        n = config.num_return_sequences
+        if n > 1:  # sampled: each prompt (and its source) repeated, as transformers does
+            repeat = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+            input_ids, attention_mask = repeat(input_ids), repeat(attention_mask)
+            source = None if source is None else (repeat(source[0]), repeat(source[1]))
+        return _SamplingGroup(input_ids, attention_mask, config, budget, device=self.device,
+                              tokenizer=self.tokenizer, stream_text=stream_text, source=source)
 
     def cancel(self, row: Row) -> None:
         """Stop decoding `row` (a client that went away): it leaves at the next step. A beam
@@ -403,6 +439,8 @@ class Engine:
         """Run a group's prompts through the model (filling its cache rows); the last
         position's scores of each of its rows."""
         first = group.rows[0].slot
+        if group.source is not None:
+            self.runner.encode(*group.source, start=first)
         logits = self.runner.forward(group.input_ids, start=first,
                                      attention_mask=group.attention_mask, last_only=True)[:, -1]
         expand = group.expand()
