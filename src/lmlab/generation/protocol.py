@@ -16,10 +16,11 @@ model: no config field, no module name, no class.
                                            position's logits only
     model.config.eos_token_id / .pad_token_id   optional defaults for generate()
 
-An encoder–decoder adds `model.encode(source_ids, source_mask, cache=cache)`, which fills the
-cache's per-row `extras` (the encoder's output, or the cross-attention keys and values computed
-once per source); the cache then carries them along whenever its rows are viewed, copied or
-rolled back, and the decoder's forward reads them there.
+An encoder–decoder adds `model.encode(source_ids, attention_mask=None, cache=cache)`, which
+fills the cache's per-row `extras` (the encoder's output, or the cross-attention keys and values
+computed once per source; allocated by its `new_cache`); the cache carries them along whenever
+its rows are viewed or copied, and the decoder's forward reads them there. The engine calls it
+for the sources given to `Engine.add(..., source_ids=...)`.
 """
 
 from __future__ import annotations
