@@ -17,11 +17,13 @@ from lmlab.kernels import build
 BUILDABLE = (sys.platform.startswith("linux") and platform.machine() == "x86_64"
              and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
              and shutil.which("cc") is not None)
+SWITCHED_OFF = build.switched_off()  # LMLAB_CPU_KERNELS=0: the suite runs the torch paths
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernel here: "
                                   f"{kernels.unavailable_reason()}")
 
 
-@pytest.mark.skipif(not BUILDABLE, reason="not x86-64 Linux with AVX2 and a C compiler")
+@pytest.mark.skipif(not BUILDABLE or SWITCHED_OFF,
+                    reason="not x86-64 Linux with AVX2 and a C compiler, or LMLAB_CPU_KERNELS=0")
 def test_kernel_builds_where_it_can():
     """Where the kernel can be built it must be: a broken build would silently cost decoding
     speed, not correctness, so no other test would notice."""
