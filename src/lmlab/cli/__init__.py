@@ -17,7 +17,8 @@ from lmlab.errors import LmlabError
 COMMANDS = {
     "demo": ("lmlab.cli.demo", "train a small GPT on the Python standard library and sample it"),
     "prepare": ("lmlab.cli.prepare", "tokenize text into a memory-mapped dataset"),
-    "pretrain": ("lmlab.cli.pretrain", "pretrain a GPT or a BERT (--objective) with a YAML config and overrides"),
+    "pretrain": ("lmlab.cli.pretrain",
+                 "pretrain a GPT or a BERT (--objective) with a YAML config and overrides"),
     "finetune": ("lmlab.cli.finetune", "fine-tune a pretrained BERT or GPT for classification or extractive QA"),
     "evaluate": ("lmlab.cli.evaluate", "score a fine-tuned model on a labelled file"),
     "predict": ("lmlab.cli.predict", "write a fine-tuned model's predictions for a file"),

@@ -133,6 +133,10 @@ class _Group:
         row is its own)."""
         return None
 
+    def cancelled_with(self, row: Row) -> list[Row]:
+        """The rows that leave when `row` is cancelled."""
+        return [row]
+
 
 class _SamplingGroup(_Group):
     """Greedy decoding or sampling: each row picks its own token."""
@@ -169,16 +173,17 @@ class _SamplingGroup(_Group):
         index = [row.index for row in rows]
         everyone = index == list(range(len(self.rows)))
         if any(self.chains.values()):
-            ids = (self.sequence[:, :self.length] if everyone
-                   else self.sequence[torch.tensor(index, device=self.sequence.device), :self.length])
+            ids = self.sequence[:, :self.length]
+            if not everyone:
+                ids = ids[torch.tensor(index, device=ids.device)]
             scores = scores.float()
             if len(self.chains) == 1:
                 scores = apply_processors(next(iter(self.chains.values())), ids, scores)
             else:  # rows whose left padding differs, under a repetition penalty
                 scores = scores.clone()
                 for key, chain in self.chains.items():
-                    part = torch.tensor([i for i, r in enumerate(index) if self.chain_key[r] == key],
-                                        dtype=torch.long, device=scores.device)
+                    part = [i for i, r in enumerate(index) if self.chain_key[r] == key]
+                    part = torch.tensor(part, dtype=torch.long, device=scores.device)
                     if part.numel():
                         scores[part] = apply_processors(chain, ids[part], scores[part])
         if not self.config.do_sample:
@@ -194,6 +199,17 @@ class _SamplingGroup(_Group):
             column[torch.tensor(index, device=column.device)] = tokens
         self.length += 1
         return tokens, None
+
+    def record(self, rows: list[Row], tokens: list[int]) -> list[Event]:
+        """Each row's new token, its text and whether it finished; an event each."""
+        events = []
+        for row, token in zip(rows, tokens):
+            row.tokens.append(token)
+            text = row.text.push(token) if row.text is not None else ""
+            row.finish_reason = self.finish_reason(row, token)
+            events.append(Event(row=row, token=token, text=text, finish_reason=row.finish_reason))
+        self.done = all(row.finished for row in self.rows)
+        return events
 
     def finish_reason(self, row: Row, token: int) -> str | None:
         if token in self.eos:
@@ -213,7 +229,8 @@ class _BeamGroup(_Group):
         super().__init__(input_ids, attention_mask, config, budget, rows=batch * nb,
                          source=source)
         self.state = BeamState(input_ids, config, total=self.prompt_len + budget)
-        self.draw = CandidateSampler(config, batch=batch, device=device) if config.do_sample else None
+        self.draw = (CandidateSampler(config, batch=batch, device=device) if config.do_sample
+                     else None)
         beam_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             beam_mask = attention_mask.repeat_interleave(nb, dim=0)
@@ -237,6 +254,18 @@ class _BeamGroup(_Group):
         self.cur_len += 1
         self.done = not self.state.unfinished(self.cur_len)
         return self.state.last_tokens(self.cur_len).reshape(-1), source.tolist()
+
+    def record(self, rows: list[Row], tokens: list[int]) -> list[Event]:
+        """No events: a beam's tokens are final only when the search ends (`output`)."""
+        for row, token in zip(rows, tokens):
+            row.tokens.append(token)
+        if self.done:
+            for row in self.rows:
+                row.finish_reason = "stop"
+        return []
+
+    def cancelled_with(self, row: Row) -> list[Row]:
+        return self.rows  # the beams of a search leave together
 
     def output(self) -> torch.Tensor:
         return self.state.output(self.config.num_return_sequences)
@@ -350,8 +379,7 @@ class Engine:
         """Stop decoding `row` (a client that went away): it leaves at the next step. A beam
         search's rows leave together."""
         with self._lock:
-            rows = row.group.rows if isinstance(row.group, _BeamGroup) else [row]
-            for r in rows:
+            for r in row.group.cancelled_with(row):
                 if not r.finished:
                     r.finish_reason = "cancelled"
             if all(r.finished for r in row.group.rows):
@@ -384,12 +412,13 @@ class Engine:
             events = []
             for group, rows in self._running_groups():
                 slots = [row.slot for row in rows]
-                mine = scores[slots[0]:slots[-1] + 1] if slots == list(range(slots[0], slots[-1] + 1)) \
-                    else scores[torch.tensor(slots, device=scores.device)]
+                in_order = slots == list(range(slots[0], slots[-1] + 1))
+                mine = (scores[slots[0]:slots[-1] + 1] if in_order
+                        else scores[torch.tensor(slots, device=scores.device)])
                 tokens, source = group.choose(rows, mine)
                 if source is not None:  # beams continue other beams: copy their cache rows
                     self.runner.cache.copy_rows([rows[i].slot for i in source], slots)
-                events.extend(self._record(group, rows, tokens.tolist()))
+                events.extend(group.record(rows, tokens.tolist()))
             self._retire()
             return events
 
@@ -403,24 +432,6 @@ class Engine:
         for _, rows in groups.values():
             rows.sort(key=lambda row: row.index)
         return list(groups.values())
-
-    def _record(self, group: _Group, rows: list[Row], tokens: list[int]) -> list[Event]:
-        events = []
-        if isinstance(group, _BeamGroup):
-            for row, token in zip(rows, tokens):
-                row.tokens.append(token)
-            if group.done:
-                for row in group.rows:
-                    row.finish_reason = "stop"
-            return events
-        for row, token in zip(rows, tokens):
-            row.tokens.append(token)
-            text = row.text.push(token) if row.text is not None else ""
-            row.finish_reason = group.finish_reason(row, token)
-            events.append(Event(row=row, token=token, text=text, finish_reason=row.finish_reason))
-        if all(row.finished for row in group.rows):
-            group.done = True
-        return events
 
     def _admit(self) -> list[_Group]:
         """Move the waiting groups that fit into free cache rows (in order of arrival)."""

@@ -39,12 +39,17 @@ def _prepare(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return input_ids, attention_mask
 
 
-def _engine(model, input_ids, config: GenerationConfig, *, tokenizer, cpu_kernels: bool,
-            rows_per_prompt: int) -> Engine:
+def _decode(model, input_ids, config: GenerationConfig, *, attention_mask, tokenizer,
+            cpu_kernels: bool, stream_text: bool = False) -> tuple[Engine, list[Row]]:
+    """An engine sized for one call's rows, and those rows, added (not yet decoded)."""
+    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
     prompt_len = input_ids.shape[1]
-    return Engine(model, max_rows=len(input_ids) * rows_per_prompt,
-                  max_len=prompt_len + config.budget(prompt_len, model=model),
-                  tokenizer=tokenizer, cpu_kernels=cpu_kernels)
+    rows_per_prompt = max(config.num_beams, config.num_return_sequences)
+    engine = Engine(model, max_rows=len(input_ids) * rows_per_prompt,
+                    max_len=prompt_len + config.budget(prompt_len, model=model),
+                    tokenizer=tokenizer, cpu_kernels=cpu_kernels)
+    return engine, engine.add(input_ids, config, attention_mask=attention_mask,
+                              stream_text=stream_text)
 
 
 def generate_tokens(
@@ -65,10 +70,8 @@ def generate_tokens(
     if config.num_beams > 1:
         raise ValueError("generate_tokens streams greedy decoding or sampling; beam search's "
                          "tokens are final only at its end — use generate()")
-    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
-    engine = _engine(model, input_ids, config, tokenizer=tokenizer, cpu_kernels=cpu_kernels,
-                     rows_per_prompt=config.num_return_sequences)
-    rows = engine.add(input_ids, config, attention_mask=attention_mask)
+    engine, rows = _decode(model, input_ids, config, attention_mask=attention_mask,
+                           tokenizer=tokenizer, cpu_kernels=cpu_kernels)
     return _token_steps(engine, rows, config.pad_id)
 
 
@@ -109,10 +112,8 @@ def stream(
     """generate_tokens, with each row's incrementally decoded text (what the CLI prints)."""
     if config.num_beams > 1:
         raise ValueError("stream decodes greedily or by sampling; use generate() for beam search")
-    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
-    engine = _engine(model, input_ids, config, tokenizer=tokenizer, cpu_kernels=cpu_kernels,
-                     rows_per_prompt=config.num_return_sequences)
-    rows = engine.add(input_ids, config, attention_mask=attention_mask, stream_text=True)
+    engine, rows = _decode(model, input_ids, config, attention_mask=attention_mask,
+                           tokenizer=tokenizer, cpu_kernels=cpu_kernels, stream_text=True)
 
     def steps() -> Iterator[StreamStep]:
         position = {id(row): i for i, row in enumerate(rows)}
@@ -144,13 +145,11 @@ def beam_search(model, input_ids: torch.Tensor, config: GenerationConfig, *,
     if config.num_beams < 2:
         raise ValueError(f"beam_search needs num_beams >= 2, got {config.num_beams}; use "
                          "generate_tokens for greedy decoding or sampling")
-    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
-    engine = _engine(model, input_ids, config, tokenizer=None, cpu_kernels=cpu_kernels,
-                     rows_per_prompt=config.num_beams)
-    rows = engine.add(input_ids, config, attention_mask=attention_mask)
+    engine, rows = _decode(model, input_ids, config, attention_mask=attention_mask,
+                           tokenizer=None, cpu_kernels=cpu_kernels)
     engine.run()
-    if not rows[0].tokens:  # nothing to generate
-        return input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+    if not rows[0].tokens:  # nothing to generate: the prompts, once per returned sequence
+        return rows[0].group.input_ids.repeat_interleave(config.num_return_sequences, dim=0)
     return rows[0].group.output()
 
 
@@ -186,7 +185,6 @@ def generate(
         pad_token_id=pad_token_id,
         **knobs,
     )
-    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
     if draft_model is not None:
         if config.num_beams > 1:
             raise ValueError("speculative decoding (draft_model) does not combine with "
@@ -198,14 +196,13 @@ def generate(
     if config.num_beams > 1:
         return beam_search(model, input_ids, config, attention_mask=attention_mask,
                            cpu_kernels=cpu_kernels)
-    engine = _engine(model, input_ids, config, tokenizer=tokenizer, cpu_kernels=cpu_kernels,
-                     rows_per_prompt=config.num_return_sequences)
-    rows = engine.add(input_ids, config, attention_mask=attention_mask)
+    engine, rows = _decode(model, input_ids, config, attention_mask=attention_mask,
+                           tokenizer=tokenizer, cpu_kernels=cpu_kernels)
     engine.run()
-    prompts = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+    prompts = rows[0].group.input_ids  # each prompt once per returned sequence
     width = max(len(row.tokens) for row in rows)
-    new = torch.full((len(rows), width), config.pad_id, dtype=torch.long, device=input_ids.device)
+    new = torch.full((len(rows), width), config.pad_id, dtype=torch.long, device=prompts.device)
     for i, row in enumerate(rows):
         if row.tokens:
-            new[i, :len(row.tokens)] = torch.tensor(row.tokens, device=input_ids.device)
+            new[i, :len(row.tokens)] = torch.tensor(row.tokens, device=prompts.device)
     return torch.cat([prompts, new], dim=1)

@@ -49,6 +49,7 @@ def speculative_generate(
     (drafts that could have been kept), `accepted`, `acceptance_rate` and `target_calls` (the
     target's forward passes, prompt included).
     """
+    input_ids = torch.as_tensor(input_ids)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     _validate(target, draft, input_ids, config, attention_mask, num_draft_tokens)

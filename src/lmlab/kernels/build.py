@@ -64,7 +64,8 @@ def cpu_isa() -> str | None:
 
 
 def _why_not_supported() -> str | None:
-    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+    if (not sys.platform.startswith("linux")
+            or platform.machine().lower() not in ("x86_64", "amd64")):
         return f"only built on x86-64 Linux (this is {sys.platform}/{platform.machine()})"
     if cpu_isa() is None:
         return (f"the CPU lacks AVX2 + FMA (torch reports "

@@ -94,7 +94,8 @@ class FlatAdamW:
             raise ValueError("FlatAdamW: expected CPU parameters of one floating dtype")
         flatten_parameters(params)
         self.state: dict[Tensor, dict[str, Tensor]] = {}  # created on the first step, as torch
-        self._buffers: list[tuple[Tensor, Tensor, Tensor]] = []  # per group: exp_avg, exp_avg_sq, steps
+        # per group: exp_avg, exp_avg_sq, steps
+        self._buffers: list[tuple[Tensor, Tensor, Tensor]] = []
         self._grad_scale: Tensor | None = None  # a clipping left to the next step
 
     @torch.no_grad()

@@ -204,7 +204,8 @@ class GPT(PreTrainedModel):
                 mask = padded_causal_mask(attention_mask, T)
             is_causal = mask is None and T > 1
             if positions is None:
-                positions = (torch.arange(T, device=input_ids.device)[None] if attention_mask is None
+                positions = (torch.arange(T, device=input_ids.device)[None]
+                             if attention_mask is None
                              else (attention_mask.long().cumsum(-1) - 1).clamp(min=0))
             bound = bound or T - 1
         self.check_positions(positions, bound=bound)

@@ -32,6 +32,7 @@ class CacheStep:
     """Where one forward pass's T tokens per row go and what they may attend to."""
 
     starts: list[int]  # per row: the slot of its first new token
+    start: int | None  # the one start slot of every row, or None when rows differ
     tokens: int  # T, new tokens per row
     positions: torch.Tensor  # (B, T) position ids
     keys: int  # S: slots the attention reads (the longest row's, after this step)
@@ -40,12 +41,6 @@ class CacheStep:
     padded: bool = False  # some slot the step reads is padding
     needs_mask: bool = False  # rows differ in length, or some slot is padding
     _mask: torch.Tensor | None = field(repr=False, default=None)
-
-    @property
-    def start(self) -> int | None:
-        """The one start slot of every row, or None when rows differ."""
-        first = self.starts[0] if self.starts else 0
-        return first if all(s == first for s in self.starts) else None
 
     @property
     def is_causal(self) -> bool:
@@ -145,12 +140,13 @@ class KVCache:
         else:
             counted = token_mask.long().cumsum(-1) - 1  # real tokens before and at each one
             positions = (self.next_positions[:, None] + counted).clamp(min=0)
-        uniform = all(n == lengths[0] for n in lengths)
+        uniform = all(n == lengths[0] for n in lengths)  # read by every layer: decided once
         padded = token_mask is not None or any(self._padded[self._offset:self._offset + batch])
         if token_mask is not None:  # record which new slots are real
             slots = torch.tensor(lengths, device=device)[:, None] + offsets
             self.valid.scatter_(1, slots, token_mask.bool())
-        return CacheStep(starts=lengths, tokens=tokens, positions=positions, keys=end,
+        return CacheStep(starts=lengths, start=(lengths[0] if lengths else 0) if uniform else None,
+                         tokens=tokens, positions=positions, keys=end,
                          token_mask=token_mask, _valid=self.valid, padded=padded,
                          needs_mask=padded or not uniform)
 
@@ -194,8 +190,8 @@ class KVCache:
         target = torch.as_tensor(target, dtype=torch.long)
         if source.numel() == 0:
             return
-        lengths = self.lengths
-        width = max(lengths[i] for i in source.tolist())
+        lengths, rows = self.lengths, source.tolist()
+        width = max(lengths[i] for i in rows)
         device = self.next_positions.device
         src, dst = source.to(device), target.to(device)
         if width:
@@ -204,9 +200,9 @@ class KVCache:
         for t in (self.next_positions, self.valid, *self.extras.values()):
             t.index_copy_(0, dst, t.index_select(0, src))
         first = self._offset
-        padded = [self._padded[first + i] for i in source.tolist()]
+        padded = [self._padded[first + i] for i in rows]
         for i, j in enumerate(target.tolist()):
-            self._lengths[first + j] = lengths[source[i]]
+            self._lengths[first + j] = lengths[rows[i]]
             self._padded[first + j] = padded[i]
 
     def truncate(self, lengths: int | list[int]) -> None:
