@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from lmlab import kernels
 from lmlab.generation.beam import BeamState, CandidateSampler
 from lmlab.generation.config import GenerationConfig
-from lmlab.generation.processors import apply_processors
+from lmlab.generation.processors import apply_processors, leading_pads
 from lmlab.generation.protocol import check_decoder, model_device
-from lmlab.generation.sampling import row_generator, sample_from
+from lmlab.generation.sampling import pick_tokens, row_generator
 from lmlab.generation.stopping import StopStrings
 
 
@@ -151,9 +151,8 @@ class _SamplingGroup(_Group):
                                     device=device)
         self.sequence[:, :self.prompt_len] = input_ids
         self.length = self.prompt_len
-        padding = [0] * len(input_ids)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            padding = (attention_mask != 0).int().argmax(dim=1).tolist()  # leading pads
+        pads = leading_pads(attention_mask)
+        padding = [0] * len(input_ids) if pads is None else pads.tolist()
         # A row's processors depend on its config and prompt only; rows whose left padding
         # does not matter to them (no repetition penalty) share one chain, called once.
         key = (lambda row: padding[row]) if config.repetition_penalty != 1.0 else (lambda row: 0)
@@ -186,12 +185,8 @@ class _SamplingGroup(_Group):
                     part = torch.tensor(part, dtype=torch.long, device=scores.device)
                     if part.numel():
                         scores[part] = apply_processors(chain, ids[part], scores[part])
-        if not self.config.do_sample:
-            tokens = scores.argmax(dim=-1)
-        else:
-            generators = None if self.config.seed is None else [row.generator for row in rows]
-            probs = torch.softmax(scores.float(), dim=-1)
-            tokens = sample_from(probs, generators).squeeze(-1)
+        generators = None if self.config.seed is None else [row.generator for row in rows]
+        tokens = pick_tokens(scores, do_sample=self.config.do_sample, generators=generators)
         column = self.sequence[:, self.length]
         if everyone:
             column.copy_(tokens)

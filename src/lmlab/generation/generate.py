@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from lmlab.generation.config import GenerationConfig
-from lmlab.generation.engine import Engine, Row
+from lmlab.generation.engine import Engine, Event, Row
 from lmlab.generation.protocol import check_decoder, default_token_id, model_device
 from lmlab.generation.speculative import speculative_generate
 
@@ -76,15 +76,23 @@ def generate_tokens(
 
 
 def _token_steps(engine: Engine, rows: list[Row], pad: int) -> Iterator[torch.Tensor]:
+    for events in _steps(engine, rows):
+        yield torch.tensor([pad if e is None else e.token for e in events], dtype=torch.long,
+                           device=engine.device)
+
+
+def _steps(engine: Engine, rows: list[Row]) -> Iterator[list[Event | None]]:
+    """Step the engine to the end; after each step that produced tokens, each of `rows`'
+    event in their order (None for a row that is done)."""
     position = {id(row): i for i, row in enumerate(rows)}
     while engine.busy:
-        step = torch.full((len(rows),), pad, dtype=torch.long, device=engine.device)
         events = engine.step()
         if not events:
             continue
+        by_row: list[Event | None] = [None] * len(rows)
         for event in events:
-            step[position[id(event.row)]] = event.token
-        yield step
+            by_row[position[id(event.row)]] = event
+        yield by_row
 
 
 @dataclass
@@ -116,16 +124,9 @@ def stream(
                            tokenizer=tokenizer, cpu_kernels=cpu_kernels, stream_text=True)
 
     def steps() -> Iterator[StreamStep]:
-        position = {id(row): i for i, row in enumerate(rows)}
-        while engine.busy:
-            events = engine.step()
-            if not events:
-                continue
-            ids, texts = [config.pad_id] * len(rows), [""] * len(rows)
-            for event in events:
-                ids[position[id(event.row)]] = event.token
-                texts[position[id(event.row)]] = event.text
-            yield StreamStep(token_ids=ids, texts=texts)
+        for events in _steps(engine, rows):
+            yield StreamStep(token_ids=[config.pad_id if e is None else e.token for e in events],
+                             texts=["" if e is None else e.text for e in events])
         tail = [row.text.flush() for row in rows]
         if any(tail):
             yield StreamStep(token_ids=[], texts=tail)

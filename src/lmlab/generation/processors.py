@@ -416,6 +416,13 @@ class EtaWarper(_CutoffWarper):
 
 
 # -- composition -------------------------------------------------------------------------------
+def leading_pads(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's count of leading (left) padding positions, (B,); None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return (attention_mask != 0).int().argmax(dim=1)
+
+
 def apply_processors(
     processors: Sequence[LogitsProcessor], input_ids: torch.Tensor, scores: torch.Tensor
 ) -> torch.Tensor:
@@ -445,9 +452,9 @@ def build_logits_processors(config, *, prompt_len: int,
                                          prompt_len=prompt_len)
     if penalties.frequency_penalty or penalties.presence_penalty:
         out.append(penalties)
-    ignored = padding or None
-    if attention_mask is not None and not bool(attention_mask.all()):
-        ignored = (attention_mask != 0).int().argmax(dim=1)  # leading pads per row
+    ignored = leading_pads(attention_mask)
+    if ignored is None:
+        ignored = padding or None
     repetition = RepetitionPenalty(config.repetition_penalty, prompt_ignore_length=ignored)
     if repetition.penalty != 1.0:
         out.append(repetition)

@@ -30,6 +30,17 @@ def sample_from(probs: torch.Tensor, generators: list[torch.Generator] | None,
                         for p, g in zip(probs, generators)])
 
 
+def pick_tokens(scores: torch.Tensor, *, do_sample: bool,
+                generators: list[torch.Generator] | None) -> torch.Tensor:
+    """The next token of each row of `scores` (B, V), (B,): argmax, or one draw from
+    softmax(scores) — with each row's own generator, or the global RNG when None."""
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    # The softmax in fp32 whatever the model's dtype: bf16 probabilities of a 50k vocabulary
+    # sum far from 1.
+    return sample_from(torch.softmax(scores.float(), dim=-1), generators).squeeze(-1)
+
+
 class TokenSampler:
     """Picks the next token of every row: argmax, or a draw from softmax(scores).
 
@@ -50,11 +61,7 @@ class TokenSampler:
         return cls(do_sample=do_sample, generators=generators)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        if not self.do_sample:
-            return scores.argmax(dim=-1)
-        # The softmax in fp32 whatever the model's dtype: bf16 probabilities of a 50k vocabulary
-        # sum far from 1.
-        return sample_from(torch.softmax(scores.float(), dim=-1), self.generators).squeeze(-1)
+        return pick_tokens(scores, do_sample=self.do_sample, generators=self.generators)
 
     def uniform(self, batch: int, *, device, dtype) -> torch.Tensor:
         """One uniform [0, 1) draw per row from the same randomness (speculative acceptance)."""
