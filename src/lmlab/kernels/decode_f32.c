@@ -109,14 +109,17 @@ static inline void dot_rows(const float *w, const float *x, int64_t ldx, int64_t
     }
 }
 
-/* y[n + j] (+)= dots[j] + bias[n + j] for the NR outputs of one block of one row. */
+/* *y (+)= dot + bias[n]: one output of a product (added to y for a residual connection). */
+static inline void put(float *y, float dot, const float *bias, int64_t n, int accumulate) {
+    const float v = dot + (bias ? bias[n] : 0.0f);
+    if (accumulate) *y += v;
+    else *y = v;
+}
+
+/* The NR outputs of one block of one row: y[n + j] (+)= dots[j] + bias[n + j]. */
 static inline void store(float *y, int64_t n, const float *dots, const float *bias,
                          int accumulate) {
-    for (int64_t j = 0; j < NR; j++) {
-        const float v = dots[j] + (bias ? bias[n + j] : 0.0f);
-        if (accumulate) y[n + j] += v;
-        else y[n + j] = v;
-    }
+    for (int64_t j = 0; j < NR; j++) put(y + n + j, dots[j], bias, n + j, accumulate);
 }
 
 /* Inside a parallel region: y[m, n] (+)= dot(w[n], x[m]) + b[n] for every row m; threads split
@@ -128,11 +131,7 @@ static void products(const float *x, int64_t rows, int64_t in, const float *w, i
         for (int64_t n = 0; n < out; n++) {
             float dots[STREAM_ROWS];
             dot_rows(w + n * in, x, in, rows, in, dots);
-            for (int64_t m = 0; m < rows; m++) {
-                const float v = dots[m] + (bias ? bias[n] : 0.0f);
-                if (accumulate) y[m * out + n] += v;
-                else y[m * out + n] = v;
-            }
+            for (int64_t m = 0; m < rows; m++) put(y + m * out + n, dots[m], bias, n, accumulate);
         }
         return;
     }
@@ -142,11 +141,8 @@ static void products(const float *x, int64_t rows, int64_t in, const float *w, i
         const int64_t n = b * NR;
         if (n + NR > out) {  /* the last, partial block: one output at a time */
             for (int64_t m = 0; m < rows; m++)
-                for (int64_t j = n; j < out; j++) {
-                    const float v = vf_dot(w + j * in, x + m * in, in) + (bias ? bias[j] : 0.0f);
-                    if (accumulate) y[m * out + j] += v;
-                    else y[m * out + j] = v;
-                }
+                for (int64_t j = n; j < out; j++)
+                    put(y + m * out + j, vf_dot(w + j * in, x + m * in, in), bias, j, accumulate);
             continue;
         }
         /* While this block is multiplied, the next one is fetched from memory: the tiles
