@@ -62,12 +62,18 @@ def uses_token_types(model) -> bool:
     return getattr(model.config, "type_vocab_size", 0) > 0
 
 
+def read_examples(cfg: FinetuneClassificationConfig, path: str | Path, *,
+                  require_label: bool = True) -> list[clf.Example]:
+    """A data file's examples, read with the config's field names and format."""
+    return clf.read_examples(Path(path), text_field=cfg.text_field,
+                             text_pair_field=cfg.text_pair_field, label_field=cfg.label_field,
+                             fmt=cfg.format, require_label=require_label)
+
+
 def read_encoded(cfg: FinetuneClassificationConfig, path: str | Path, labels: list[str],
-                 tokenizer: Tokenizer, *, require_label: bool = True):
-    """(examples, encoded) of a data file, read with the config's field names."""
-    examples = clf.read_examples(Path(path), text_field=cfg.text_field,
-                                 text_pair_field=cfg.text_pair_field, label_field=cfg.label_field,
-                                 fmt=cfg.format, require_label=require_label)
+                 tokenizer: Tokenizer):
+    """(examples, encoded) of a labelled data file."""
+    examples = read_examples(cfg, path)
     return examples, clf.encode(tokenizer, examples, labels, max_length=cfg.max_length)
 
 
@@ -86,9 +92,7 @@ def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str |
     run_dir = Path(run_dir)
     device, model_dir = start(cfg, run_dir, recipe="classification", resume=resume)
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    train_examples = clf.read_examples(Path(cfg.train), text_field=cfg.text_field,
-                                       text_pair_field=cfg.text_pair_field,
-                                       label_field=cfg.label_field, fmt=cfg.format)
+    train_examples = read_examples(cfg, cfg.train)
     labels = clf.infer_labels(train_examples)
     if len(labels) < 2:
         raise DataError(f"{cfg.train}: a single label ({labels[0]!r}); classification needs "
@@ -162,10 +166,7 @@ def evaluate_run(run: FinetunedRun, data: Path) -> dict[str, float]:
 
 def predict_run(run: FinetunedRun, data: Path, out: Path) -> Path:
     labels = list(getattr(run.model.config, "id2label", None) or [])
-    examples = clf.read_examples(data, text_field=run.cfg.text_field,
-                                 text_pair_field=run.cfg.text_pair_field,
-                                 label_field=run.cfg.label_field, fmt=run.cfg.format,
-                                 require_label=False)
+    examples = read_examples(run.cfg, data, require_label=False)
     # gold labels, where the file has them, are copied to the output, never checked
     unlabelled = [dataclasses.replace(e, label=None) for e in examples]
     encoded = clf.encode(run.tokenizer, unlabelled, labels, max_length=run.cfg.max_length)
