@@ -1,4 +1,4 @@
-"""models/hf.py's family records: a subset of the weights (what an adapter saves) is written
+"""models/hf's family records: a subset of the weights (what an adapter saves) is written
 under the names and layouts transformers uses and loads back into a fresh model; a whole file
 loads strictly; errors name the key at fault; a new family is one record, nothing else."""
 

@@ -7,7 +7,7 @@ the word embeddings), next-sentence prediction, sequence classification and span
 Module names equal the Hugging Face BERT names (embeddings.word_embeddings,
 encoder.layer.N.attention.output.LayerNorm, cls.predictions.transform.dense, …) with one
 exception: query, key and value are one `qkv` matmul instead of three (one larger GEMM is faster
-to train), so `models/hf.py` concatenates / splits them. Losses live in `lmlab.tasks`.
+to train), so `models/hf/bert.py` concatenates / splits them. Losses live in `lmlab.tasks`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GPT: a decoder-only transformer, as in GPT-2 — config, layers, model, read top to bottom.
 
 Module names equal the Hugging Face GPT-2 checkpoint names (wte, wpe, h.N.attn.c_attn, …), so the
-conversion in `models/hf.py` is a prefix plus a transpose list. The model only computes logits
+conversion in `models/hf/gpt2.py` is a prefix plus a transpose list. The model only computes logits
 (or hidden states); losses live in `lmlab.tasks`, decoding in `lmlab.generation` (which drives
 `forward` with a KV cache), and the CPU speed layer in `lmlab.kernels`, which runs this model's
 arithmetic in C where that applies — this file is the reference it is tested against.

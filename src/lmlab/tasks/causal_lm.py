@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
-
-from typing import Callable
 
 from lmlab.data.dataset import iter_eval_batches, sample_batch
 from lmlab.tasks.losses import summed_cross_entropy

@@ -129,7 +129,7 @@ def remove_chat_template_files(directory: Path) -> None:
 
 
 def read_roles(config: dict[str, Any], backend: Backend,
-                directory: Path) -> dict[str, str | None]:
+               directory: Path) -> dict[str, str | None]:
     """`{role}_token` from the configs (a string, null or an AddedToken dict); a role they do not
     name defaults, as for GPT-2's bare files, to <|endoftext|> (bos/eos/pad) when it is in the
     vocabulary, and for a WordPiece vocabulary to BERT's [PAD] [UNK] [CLS] [SEP] [MASK]."""

@@ -41,6 +41,8 @@ _CHAR_SPLIT = {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "I
 # Building the lookup table costs ~35 µs (the backend's JSON, parsed), ~20 characters of the
 # backend's pipeline: shorter inputs (prompts) go straight to the backend.
 _CHAR_TABLE_MIN_CHARS = 4096
+
+
 class _SpecialToken:
     """`tokenizer.cls_token` (the string, or None) and `tokenizer.cls_token_id` (its id): one
     read-only attribute per role and form."""
