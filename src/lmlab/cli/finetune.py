@@ -4,6 +4,7 @@ named TASK (lmlab.recipes, command "finetune")."""
 from __future__ import annotations
 
 from lmlab.config import parse_overrides
+from lmlab.errors import ConfigError
 from lmlab.recipes import find_recipe, load_recipe_config, recipes_for
 from lmlab.recipes.run_steps import config_text
 
@@ -13,9 +14,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("task", choices=sorted(tasks), help="what to fine-tune for: " +
                         "; ".join(f"{n}: {r.help}" for n, r in sorted(tasks.items())))
     parser.add_argument("--config", help="YAML preset, e.g. configs/finetune/sst2.yaml")
-    parser.add_argument("--out", required=True, help="run directory (model, checkpoints, logs)")
+    parser.add_argument("--out", help="run directory (model, checkpoints, logs); required "
+                        "unless --show-masks")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--show-masks", type=int, metavar="N",
+                        help="print the first N training examples with the trained tokens "
+                             "marked ⟦…⟧, then exit (sft)")
     parser.epilog = ("Any config key can be overridden: --model DIR --train FILE --validation FILE "
                      "--test FILE --epochs 3 --lr 5e-5 …")
     parser.set_defaults(_accepts_overrides=True)
@@ -24,6 +29,15 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     recipe = find_recipe(args.task, command="finetune")
     cfg = load_recipe_config(recipe, args.config, parse_overrides(args.overrides))
+    if args.show_masks is not None:
+        if recipe.show_examples is None:
+            raise ConfigError(f"--show-masks: recipe {recipe.name!r} has no example view")
+        if args.show_masks <= 0:
+            raise ConfigError(f"--show-masks must be positive, got {args.show_masks}")
+        print(recipe.show_examples(cfg, args.show_masks))
+        return 0
+    if args.out is None:
+        raise ConfigError("--out RUN_DIR is required")
     print("resolved config:\n" + config_text(recipe.name, cfg))
     out = recipe.run(cfg, run_dir=args.out, resume=args.resume, progress=not args.no_progress)
     r = out.train

@@ -18,7 +18,8 @@ import torch.nn as nn
 from lmlab.errors import ConfigError
 from lmlab.models.base import PreTrainedModel, checkpoint_io
 from lmlab.models.kv_cache import CacheStep, KVCache
-from lmlab.models.layers import ACTIVATIONS, label_names, attention, padded_causal_mask
+from lmlab.models.layers import (ACTIVATIONS, attention, document_causal_mask, label_names,
+                                 padded_causal_mask, positions_in_documents)
 
 
 @dataclass
@@ -160,12 +161,13 @@ class GPT(PreTrainedModel):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size); (B, 1, vocab_size) with `last_only` (decoding needs only
         the last position, and the LM head is the largest matmul of a prompt's forward pass)."""
         hidden = self.hidden_states(input_ids, positions=positions, cache=cache,
-                                    attention_mask=attention_mask)
+                                    attention_mask=attention_mask, document_ids=document_ids)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)
@@ -177,6 +179,7 @@ class GPT(PreTrainedModel):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final (layer-normed) hidden states (B, T, n_embd).
 
@@ -187,6 +190,9 @@ class GPT(PreTrainedModel):
         takes it, is accepted too: its last T columns are used).
         """
         T = input_ids.shape[1]
+        if document_ids is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("document_ids is for packed training rows: pass neither a cache "
+                             "nor an attention_mask with it")
         if attention_mask is not None and attention_mask.shape[1] != T:
             attention_mask = attention_mask[:, -T:]
         # Computed positions never exceed this bound (padding only lowers them); given ones
@@ -200,7 +206,10 @@ class GPT(PreTrainedModel):
             bound = bound or cache.length + T - 1
         else:
             mask = None
-            if attention_mask is not None and not bool(attention_mask.all()):
+            if document_ids is not None:
+                mask = document_causal_mask(document_ids)
+                positions = positions_in_documents(document_ids) if positions is None else positions
+            elif attention_mask is not None and not bool(attention_mask.all()):
                 mask = padded_causal_mask(attention_mask, T)
             is_causal = mask is None and T > 1
             if positions is None:

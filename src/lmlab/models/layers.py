@@ -57,3 +57,24 @@ def padded_causal_mask(attention_mask: torch.Tensor, query_len: int) -> torch.Te
     keep = causal[None] & attention_mask[:, None, :].bool()  # (B, Tq, S)
     keep = keep | (key_pos[None, None, :] == query_pos[None, :, None])
     return keep[:, None]
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask of packed rows, given which document each token is in
+    (B, T): a query attends to earlier keys of its own document only — block-diagonal causal
+    attention, so packed documents never see each other."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
+def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token within its document (documents are contiguous runs)."""
+    T = document_ids.shape[1]
+    index = torch.arange(T, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    # the index of each run's first token, carried forward along the row
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first

@@ -8,12 +8,13 @@
     finetuning.py      what the fine-tuning recipes share (epochs, runs read back, evaluate/predict)
     classification.py  `classification`: a BERT or GPT with a sequence-classification head
     qa.py              `qa`: extractive QA on a BERT encoder
+    sft.py             `sft`: instruction / conversation fine-tuning of a causal LM (+ LoRA)
 
 Each recipe module registers itself when imported; the imports below are all that makes them
 known. A new workflow (translation, SFT, LoRA, …) is one more module and one more import here.
 """
 
-from lmlab.recipes import causal_lm, classification, masked_lm, qa  # noqa: F401  (register)
+from lmlab.recipes import causal_lm, classification, masked_lm, qa, sft  # noqa: F401  (register)
 from lmlab.recipes.registry import (RECIPES, Recipe, find_recipe, load_recipe_config,
                                     recipe_of_run, recipes_for, register_recipe)
 

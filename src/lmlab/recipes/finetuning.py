@@ -104,12 +104,12 @@ class FinetuneResult:
 
 
 def finish(run_dir: Path, result: TrainResult, *, started: float, test: dict[str, float] | None,
-           predictions: Path | None) -> FinetuneResult:
+           predictions: Path | None, extra: dict[str, Any] | None = None) -> FinetuneResult:
     """results.json (the best epoch's validation figures, the test figures when there is a test
-    split, timings) and the run's result."""
+    split, timings, and the recipe's `extra` figures) and the run's result."""
     wall = time.perf_counter() - started
-    run_steps.write_results(run_dir, result, wall_seconds=wall,
-                            extra={"test": test} if test is not None else {})
+    extra = {**(extra or {}), **({"test": test} if test is not None else {})}
+    run_steps.write_results(run_dir, result, wall_seconds=wall, extra=extra)
     return FinetuneResult(run_dir=run_dir, train=result,
                           validation=result.best_metrics or result.metrics, test=test or {},
                           wall_seconds=wall, predictions=predictions)

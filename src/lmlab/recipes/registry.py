@@ -35,6 +35,9 @@ class Recipe:
     # where `run` is a lmlab.recipes.finetuning.FinetunedRun.
     evaluate: Callable[..., dict[str, float]] | None = None
     predict: Callable[..., Path] | None = None
+    # show_examples(cfg, n) -> text: the first n training examples as the loss sees them
+    # (`lmlab finetune TASK --show-masks N`), for recipes whose inputs are worth a look.
+    show_examples: Callable[..., str] | None = None
 
 
 # name → recipe; filled by register_recipe, one call per recipe, in the recipe's own module.

@@ -1,0 +1,243 @@
+"""Recipe `sft` (`lmlab finetune sft`): supervised fine-tuning of a causal LM (an lmlab GPT or a
+transformers GPT-2 checkpoint) on instructions, prompt/completion pairs or conversations.
+
+The data formats, the loss mask and packing are lmlab.tasks.sft's; the chat template is the
+model's (or `chat_template`, or lmlab's default) and is saved with the fine-tuned model, so
+`lmlab chat`, `lmlab generate` and the server render conversations exactly as training did.
+With a `lora:` block only the adapter trains, and RUN_DIR holds it in PEFT's format
+(adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel) instead of a full
+model; checkpoints then hold the adapter weights only.
+
+RUN_DIR: the model (or adapter) with its tokenizer and chat template, train_config.yaml,
+metrics.jsonl, loss.png, checkpoints/, results.json (validation loss and perplexity per trained
+token before and after training), and `samples_<split>.jsonl`: replies generated greedily for
+the first `samples` prompts of the test split (else validation), next to the references.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.errors import ConfigError
+from lmlab.generation import generate
+from lmlab.models.gpt import GPT
+from lmlab.models.hf import from_pretrained, read_config
+from lmlab.recipes import run_steps
+from lmlab.recipes.finetuning import (FinetuneConfig, FinetuneResult, FinetunedRun, check_length,
+                                      family_class, finetuning_optim, finish, pad_id, resolve_model, start,
+                                      train_epochs)
+from lmlab.recipes.registry import Recipe, register_recipe
+from lmlab.tasks import sft
+from lmlab.tokenizer import Tokenizer
+from lmlab.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, encode_prompt, template_source
+from lmlab.training.loop import OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+def sft_optim() -> OptimConfig:
+    return finetuning_optim(metric="val_loss")
+
+
+@dataclass
+class SFTConfig(FinetuneConfig):
+    model: str = ""  # a causal LM directory: an lmlab GPT run or a transformers GPT-2 checkpoint
+    max_length: int = 512  # tokens per example (per packed sequence), EOS included
+    # -- data (lmlab/tasks/sft.py): the format is told from each file's fields unless set
+    format: str = "auto"  # messages | prompt_completion | alpaca | turns | fields
+    prompt_template: str | None = None  # format fields: e.g. "{title}\nby {author}\n\n"
+    completion_field: str | None = None  # format fields: e.g. "text"
+    speaker_roles: dict[str, str] | None = None  # format turns: {"USER": "user", …}
+    system_prompt: str | None = None  # added to conversations that have none
+    # -- what trains
+    train_on_prompt: bool = False  # False: the completion / assistant tokens (and EOS) only
+    packing: bool = False  # several examples per sequence, block-diagonal attention
+    chat_template: str | None = None  # a Jinja file or string; default: the model's, else lmlab's
+    samples: int = 5  # replies generated for the report (greedy, first N prompts); 0 = none
+    sample_max_new_tokens: int = 128
+    optim: OptimConfig = field(default_factory=sft_optim)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.format not in sft.FORMATS:
+            raise ConfigError(f"format: expected one of {', '.join(sft.FORMATS)}, got "
+                              f"{self.format!r}")
+        if self.format == "fields" and not self.completion_field:
+            raise ConfigError("format 'fields' needs completion_field (and prompt_template)")
+        if self.samples < 0 or self.sample_max_new_tokens <= 0:
+            raise ConfigError("samples must be >= 0 and sample_max_new_tokens positive")
+
+    @property
+    def data_format(self) -> sft.DataFormat:
+        return sft.DataFormat(format=self.format, prompt_template=self.prompt_template,
+                              completion_field=self.completion_field,
+                              speaker_roles=self.speaker_roles, system_prompt=self.system_prompt)
+
+
+def chat_template_of(cfg: SFTConfig, tokenizer: Tokenizer) -> str:
+    """The template training renders with, and saves with the model: `chat_template` (a file,
+    else the Jinja text itself), the model's own, or lmlab's default."""
+    if cfg.chat_template:
+        path = Path(cfg.chat_template)
+        if "{" not in cfg.chat_template and not path.is_file():
+            raise ConfigError(f"chat_template: {cfg.chat_template} is neither a file nor a Jinja "
+                              "template")
+        return path.read_text(encoding="utf-8") if "{" not in cfg.chat_template \
+            else cfg.chat_template
+    return template_source(tokenizer) if tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
+
+
+def check_causal_lm(model_dir: Path) -> None:
+    """From config.json alone, before any data is read: the model must be a causal LM."""
+    if family_class(model_dir, {GPT: None}) is None:
+        model_type = read_config(model_dir).get("model_type")
+        raise ConfigError(f"model: {model_dir} holds a {model_type} model; sft fine-tunes a "
+                          "causal language model (an lmlab GPT or a GPT-2 checkpoint)")
+
+
+def load_causal_lm(model_dir: Path) -> GPT:
+    model = from_pretrained(model_dir)
+    if not isinstance(model, GPT):  # a GPT-2 classifier checkpoint, say
+        raise ConfigError(f"model: {model_dir} holds a {type(model).__name__}; sft fine-tunes a "
+                          "causal language model (an lmlab GPT or a GPT-2 checkpoint)")
+    return model
+
+
+def prepare(cfg: SFTConfig, model_dir: Path, tokenizer: Tokenizer, paths: list[str | None]):
+    """The encoded examples of each file in `paths` (None stays None), with the template set on
+    the tokenizer — everything that can fail on the input, done before any file is written."""
+    tokenizer.chat_template = chat_template_of(cfg, tokenizer)
+    encoded = []
+    for path in paths:
+        if path is None:
+            encoded.append(None)
+            continue
+        examples = sft.read_examples(path, cfg.data_format)
+        encoded.append(sft.encode_examples(tokenizer, examples, max_length=cfg.max_length,
+                                           train_on_prompt=cfg.train_on_prompt,
+                                           template=tokenizer.chat_template))
+    return encoded
+
+
+def show_examples(cfg: SFTConfig, count: int) -> str:
+    """`--show-masks N`: the first N training examples as the loss sees them."""
+    if cfg.train is None:
+        raise ConfigError("train: no train file; pass --train FILE")
+    model_dir = resolve_model(cfg.model)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = chat_template_of(cfg, tokenizer)
+    examples = sft.read_examples(cfg.train, cfg.data_format)[:count]
+    encoded = sft.encode_examples(tokenizer, examples, max_length=cfg.max_length,
+                                  train_on_prompt=cfg.train_on_prompt,
+                                  template=tokenizer.chat_template)
+    return sft.show_masks(tokenizer, encoded)
+
+
+def finetune_sft(cfg: SFTConfig, *, run_dir: str | Path, resume: bool = False,
+                 progress: bool = True) -> FinetuneResult:
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    if not cfg.model:
+        raise ConfigError("model: no model; pass --model DIR (a causal LM directory)")
+    for name in ("train", "validation"):
+        if getattr(cfg, name) is None:
+            raise ConfigError(f"{name}: no {name} file; pass --{name} FILE")
+    model_dir = resolve_model(cfg.model)
+    check_causal_lm(model_dir)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    train_data, val_data, test_data = prepare(cfg, model_dir, tokenizer,
+                                              [cfg.train, cfg.validation, cfg.test])
+    model = load_causal_lm(model_dir)
+    check_length(cfg, model)
+    device, _ = start(cfg, run_dir, recipe="sft", resume=resume)
+    model = model.to(device)
+    task = sft.SFTTask(train=train_data, val=val_data, batch_size=cfg.optim.batch_size,
+                       grad_accum=cfg.optim.grad_accum, seed=cfg.optim.seed, device=device,
+                       pad_id=pad_id(tokenizer), max_length=cfg.max_length, packing=cfg.packing,
+                       group_by_length=cfg.group_by_length, eval_batch_size=cfg.eval_size)
+    model.eval()
+    before = task.evaluate(model)
+    model.train()
+    result = train_epochs(cfg, model, task, run_dir=run_dir, device=device, resume=resume,
+                          progress=progress)
+    run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length)
+    model.eval()
+    test = None
+    if test_data is not None:
+        test = sft.evaluate_loss(model, test_data, batch_size=cfg.eval_size,
+                                 pad_id=pad_id(tokenizer), device=device, prefix="")
+    split, path = ("test", cfg.test) if cfg.test else ("validation", cfg.validation)
+    samples = None
+    if cfg.samples:
+        rows = sample_replies(model, tokenizer, sft.read_examples(path, cfg.data_format)
+                              [:cfg.samples], max_new_tokens=cfg.sample_max_new_tokens)
+        samples = run_steps.write_jsonl(run_dir / f"samples_{split}.jsonl", rows)
+    return finish(run_dir, result, started=t0, test=test, predictions=samples,
+                  extra={"validation_before": before})
+
+
+# -- replies: the report's samples, `lmlab predict` --------------------------------------------
+def prompt_ids(tokenizer: Tokenizer, example: sft.SFTExample) -> tuple[list[int], str]:
+    """What the model is given for an example (the conversation up to its last assistant
+    message, with the generation prompt; or the plain prompt) and the reference reply."""
+    if example.messages is None:
+        return tokenizer.encode(example.prompt), example.completion
+    last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+    return (encode_prompt(tokenizer, example.messages[:last]),
+            example.messages[last]["content"])
+
+
+@torch.inference_mode()
+def sample_replies(model, tokenizer: Tokenizer, examples: list[sft.SFTExample], *,
+                   max_new_tokens: int, **knobs) -> list[dict[str, Any]]:
+    """Replies to each example's prompt, stopping at EOS: greedy, or as `knobs` (generate's
+    decoding settings) say. A prompt longer than the context keeps its end."""
+    rows = []
+    window = model.context_window
+    device = next(model.parameters()).device
+    for example in examples:
+        ids, reference = prompt_ids(tokenizer, example)
+        ids = ids[-(window - 1):]
+        budget = min(max_new_tokens, window - len(ids))
+        out = generate(model, torch.tensor([ids], device=device), max_new_tokens=budget,
+                       eos_token_id=tokenizer.eos_token_id, **knobs)
+        reply = tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        rows.append({"where": example.where, "prompt": tokenizer.decode(ids),
+                     "reference": reference, "generated": reply})
+    return rows
+
+
+# -- a fine-tuned run: evaluate and predict ------------------------------------------------------
+def _encoded(run: FinetunedRun, data: Path) -> list[sft.EncodedExample]:
+    examples = sft.read_examples(data, run.cfg.data_format)
+    return sft.encode_examples(run.tokenizer, examples, max_length=run.cfg.max_length,
+                               train_on_prompt=run.cfg.train_on_prompt,
+                               template=template_source(run.tokenizer))
+
+
+def evaluate_run(run: FinetunedRun, data: Path) -> dict[str, float]:
+    """Loss and perplexity per trained token (the completion / assistant tokens) of `data`."""
+    return sft.evaluate_loss(run.model, _encoded(run, data), batch_size=run.cfg.eval_size,
+                             pad_id=pad_id(run.tokenizer), device=run.device, prefix="")
+
+
+def predict_run(run: FinetunedRun, data: Path, out: Path) -> Path:
+    """Greedy replies to every example's prompt, next to the reference."""
+    examples = sft.read_examples(data, run.cfg.data_format)
+    rows = sample_replies(run.model, run.tokenizer, examples,
+                          max_new_tokens=run.cfg.sample_max_new_tokens)
+    return run_steps.write_jsonl(out, rows)
+
+
+register_recipe(Recipe(
+    name="sft", command="finetune", config=SFTConfig, run=finetune_sft, models=(GPT,),
+    evaluate=evaluate_run, predict=predict_run, show_examples=show_examples,
+    help="supervised fine-tuning of a causal LM on instructions or conversations (chat template, "
+         "loss on replies only, packing, LoRA)",
+))
