@@ -40,7 +40,11 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _section(annotation: Any) -> type | None:
-    """The config class of a section field, or None for a plain value."""
+    """The config class of a section field (also of an optional one, `LoraConfig | None`,
+    which is off until one of its keys is given), or None for a plain value."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = options[0] if len(options) == 1 else None
     return annotation if isinstance(annotation, type) and dataclasses.is_dataclass(annotation) \
         else None
 
@@ -115,7 +119,7 @@ def _resolve(cls: type, values: dict[str, Any], where: str | None,
 
 def _annotation(cls: type, path: KeyPath) -> Any:
     for name in path[:-1]:
-        cls = _field_types(cls)[name]
+        cls = _section(_field_types(cls)[name])
     return _field_types(cls)[path[-1]]
 
 
@@ -208,7 +212,7 @@ def _construct(cls: type[T], values: dict[KeyPath, Any], base: Any = None) -> T:
             inner.setdefault(path[0], {})[path[1:]] = value
     for name, section_values in inner.items():
         start = kwargs.get(name, getattr(base, name) if base is not None else _default(cls, name))
-        kwargs[name] = _construct(_field_types(cls)[name], section_values, start)
+        kwargs[name] = _construct(_section(_field_types(cls)[name]), section_values, start)
     if base is not None:
         kwargs = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init},
                   **kwargs}

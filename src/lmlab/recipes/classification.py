@@ -21,7 +21,7 @@ from lmlab.models.bert import BertForSequenceClassification
 from lmlab.models.gpt import GPTForSequenceClassification
 from lmlab.models.hf import record_for
 from lmlab.recipes import run_steps
-from lmlab.recipes.finetuning import (FinetuneConfig, FinetuneResult, FinetunedRun, check_length,
+from lmlab.recipes.finetuning import (adapt, FinetuneConfig, FinetuneResult, FinetunedRun, check_length,
                                       family_class, finish, pad_id, start, train_epochs)
 from lmlab.recipes.registry import Recipe, register_recipe
 from lmlab.tasks import classification as clf
@@ -100,7 +100,7 @@ def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str |
     train_data = clf.encode(tokenizer, train_examples, labels, max_length=cfg.max_length)
     val = read_encoded(cfg, cfg.validation, labels, tokenizer)
     test = read_encoded(cfg, cfg.test, labels, tokenizer) if cfg.test else None
-    model = build_classifier(model_dir, labels, tokenizer).to(device)
+    model = adapt(cfg, build_classifier(model_dir, labels, tokenizer)).to(device)
     check_length(cfg, model)
     task = clf.ClassificationTask(
         train=train_data, val=val[1], plan=cfg.plan(train_data.lengths), num_labels=len(labels),
@@ -108,7 +108,8 @@ def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str |
         eval_batch_size=cfg.eval_size, exclude_label=exclude_id(cfg, labels))
     result = train_epochs(cfg, model, task, run_dir=run_dir, device=device, resume=resume,
                           progress=progress)
-    run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length)
+    run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length,
+                         base=model_dir)
     split, (examples, data) = ("test", test) if test else ("validation", val)
     # Without a test split the report is on validation, which the final evaluation has just
     # scored — with the weights now in the model if the best step was the last one.

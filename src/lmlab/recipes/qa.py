@@ -19,7 +19,7 @@ from lmlab.evaluation.squad import best_over_gold, squad_scores
 from lmlab.fileio import atomic_write_bytes
 from lmlab.models.bert import BertForQuestionAnswering
 from lmlab.recipes import run_steps
-from lmlab.recipes.finetuning import (FinetuneConfig, FinetuneResult, FinetunedRun, check_length,
+from lmlab.recipes.finetuning import (adapt, FinetuneConfig, FinetuneResult, FinetunedRun, check_length,
                                       family_class, finetuning_optim, finish, pad_id, start,
                                       train_epochs)
 from lmlab.recipes.registry import Recipe, register_recipe
@@ -83,13 +83,14 @@ def finetune_qa(cfg: FinetuneQAConfig, *, run_dir: str | Path, resume: bool = Fa
     _, train_windows = read_windows(cfg, cfg.train, cfg.train_titles, tokenizer)
     val = read_windows(cfg, cfg.validation, cfg.validation_titles, tokenizer)
     test = read_windows(cfg, cfg.test, cfg.test_titles, tokenizer) if cfg.test else None
-    model = SPAN_MODELS[cls](model_dir).to(device)
+    model = adapt(cfg, SPAN_MODELS[cls](model_dir)).to(device)
     check_length(cfg, model)
     task = _task(cfg, tokenizer, device, train=train_windows, val=val,
                  plan=cfg.plan(train_windows.lengths))
     result = train_epochs(cfg, model, task, run_dir=run_dir, device=device, resume=resume,
                           progress=progress)
-    run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length)
+    run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length,
+                         base=model_dir)
     split, (examples, windows) = ("test", test) if test else ("validation", val)
     model.eval()
     scores, predictions = _report(model, task, examples, windows,

@@ -15,6 +15,8 @@ import torch
 from lmlab.config import dump_yaml
 from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_bytes
+from lmlab.models.hf.peft import save_adapter
+from lmlab.models.lora import lora_modules
 from lmlab.tokenizer import Tokenizer
 from lmlab.training.loop import TrainResult
 from lmlab.training.plots import plot_run
@@ -56,11 +58,19 @@ def context_window(model) -> int:
     return getattr(config, "n_positions", None) or config.max_position_embeddings
 
 
-def save_model(model, tokenizer: Tokenizer, run_dir: Path, *, max_length: int) -> None:
+def save_model(model, tokenizer: Tokenizer, run_dir: Path, *, max_length: int,
+               base: Path | None = None) -> None:
     """RUN_DIR/config.json + model.safetensors + the tokenizer's files (Hugging Face layout);
-    the tokenizer records the longest input the model was trained for."""
+    the tokenizer records the longest input the model was trained for. A model with LoRA
+    adapters saves the adapter instead (PEFT's adapter_config.json + adapter_model.safetensors,
+    naming `base`, the pretrained model it applies to) with the tokenizer beside it."""
     tokenizer.model_max_length = max_length
-    model.save_pretrained(run_dir, tokenizer=tokenizer)
+    if lora_modules(model):
+        tokenizer.save_pretrained(run_dir)
+        save_adapter(model, run_dir, base_model_name_or_path=None if base is None
+                     else str(Path(base).resolve()))
+    else:
+        model.save_pretrained(run_dir, tokenizer=tokenizer)
 
 
 def write_results(run_dir: Path, result: TrainResult, *, wall_seconds: float,

@@ -29,7 +29,7 @@ from lmlab.generation import generate
 from lmlab.models.gpt import GPT
 from lmlab.models.hf import from_pretrained, read_config
 from lmlab.recipes import run_steps
-from lmlab.recipes.finetuning import (FinetuneConfig, FinetuneResult, FinetunedRun, check_length,
+from lmlab.recipes.finetuning import (FinetuneConfig, adapt, FinetuneResult, FinetunedRun, check_length,
                                       family_class, finetuning_optim, finish, pad_id, resolve_model, start,
                                       train_epochs)
 from lmlab.recipes.registry import Recipe, register_recipe
@@ -153,7 +153,8 @@ def finetune_sft(cfg: SFTConfig, *, run_dir: str | Path, resume: bool = False,
     tokenizer = Tokenizer.from_pretrained(model_dir)
     train_data, val_data, test_data = prepare(cfg, model_dir, tokenizer,
                                               [cfg.train, cfg.validation, cfg.test])
-    model = load_causal_lm(model_dir)
+    run_steps.seed_everything(cfg.optim.seed)  # LoRA's initial adapters come from the seed
+    model = adapt(cfg, load_causal_lm(model_dir))
     check_length(cfg, model)
     device, _ = start(cfg, run_dir, recipe="sft", resume=resume)
     model = model.to(device)
@@ -166,7 +167,7 @@ def finetune_sft(cfg: SFTConfig, *, run_dir: str | Path, resume: bool = False,
     model.train()
     result = train_epochs(cfg, model, task, run_dir=run_dir, device=device, resume=resume,
                           progress=progress)
-    run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length)
+    run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length, base=model_dir)
     model.eval()
     test = None
     if test_data is not None:

@@ -208,14 +208,16 @@ def read_checkpoint(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str
     return weights, state
 
 
-def check_weights(ckpt: Checkpoint, weights: dict[str, torch.Tensor], model) -> None:
+def check_weights(ckpt: Checkpoint, weights: dict[str, torch.Tensor], model,
+                  names: set[str] | None = None) -> None:
     """Every parameter and buffer of `model` must be in `weights` (the second name of a tied
-    parameter aside), and nothing else."""
+    parameter aside), and nothing else — or, for a model whose base is frozen (LoRA), exactly
+    the trainable `names` its checkpoints hold."""
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
-    aliases = {name for names in names_of.values() for name in names[1:]}
-    expected = set(model.state_dict())
+    aliases = {name for names_ in names_of.values() for name in names_[1:]}
+    expected = set(model.state_dict()) if names is None else set(names)
     missing = sorted(expected - set(weights) - aliases)
     unexpected = sorted(set(weights) - expected)
     if missing or unexpected:

@@ -219,6 +219,11 @@ class _Trainer:
                                          eps=self.optim.adam_eps, distributed=self.dist.active,
                                          speed_layer=self.optim.cpu_kernels)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # A model with a frozen base (LoRA) checkpoints its trainable weights only: the base is
+        # the pretrained model the recipe loads again on --resume.
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        self.saved_names = (trainable if len(trainable) < len(list(self.model.parameters()))
+                            else None)
         self.tracker = BestTracker(self.optim.metric, self.optim.higher_is_better,
                                    patience=self.optim.patience, min_delta=self.optim.min_delta)
         self.step, self.max_steps = 0, self.cfg.max_steps
@@ -235,7 +240,7 @@ class _Trainer:
             return False
         weights, state = ckpt_io.read_checkpoint(latest) if self.dist.is_main else ({}, {})
         if self.dist.is_main:
-            ckpt_io.check_weights(latest, weights, self.model)
+            ckpt_io.check_weights(latest, weights, self.model, self.saved_names)
             if "tracker" not in state:
                 raise CheckpointError(f"{latest.path}: written by an older lmlab (no RNG or "
                                       "early-stopping state); start a new run")
@@ -260,9 +265,17 @@ class _Trainer:
         log.info("resumed from %s (step %d of %d)", path, self.step, self.max_steps)
         return True
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds: all of them, or the trainable ones of a model with a
+        frozen base (collective under FSDP)."""
+        weights = self.dist.full_weights(self.model)
+        if self.saved_names is None:
+            return weights
+        return {name: w for name, w in weights.items() if name in self.saved_names}
+
     def save(self) -> None:
         """A checkpoint of the current state (collective: every rank contributes its part)."""
-        weights = self.dist.full_weights(self.model)
+        weights = self.weights()
         optimizer = self.dist.full_optimizer_state(self.model, self.optimizer)
         rngs = self.dist.gather(rng_state())
         if self.dist.is_main:
@@ -288,7 +301,7 @@ class _Trainer:
         metrics = self.measure(final=final)
         self.log(self.step, **metrics)
         if self.tracker.update(self.step, metrics) and self.optim.keep_best:
-            weights = self.dist.full_weights(self.model)
+            weights = self.weights()
             if self.dist.is_main:
                 ckpt_io.save_best(self.run_dir, self.step, weights, metrics)
             self.dist.barrier()
@@ -303,7 +316,7 @@ class _Trainer:
             return
         weights = ckpt_io.read_checkpoint(best)[0] if self.dist.is_main else {}
         if self.dist.is_main:
-            ckpt_io.check_weights(best, weights, self.model)
+            ckpt_io.check_weights(best, weights, self.model, self.saved_names)
         self.dist.load_full_state(self.model, None, weights, None)
         log.info("restored the best weights (step %s)", self.tracker.best_step)
 

@@ -212,6 +212,12 @@ def to_hf(model: nn.Module) -> tuple[dict[str, Any], State]:
 
 
 def save_pretrained(model: nn.Module, directory, *, tokenizer=None) -> None:
+    if any(".lora_A" in name for name, _ in model.named_modules()):
+        # A full checkpoint with adapter weights in it would be neither transformers' model nor
+        # PEFT's adapter.
+        raise ConfigError(f"{type(model).__name__} has LoRA adapters: save them with "
+                          "lmlab.models.hf.peft.save_adapter, or merge them first "
+                          "(lmlab.models.lora.remove_lora)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_config, hf_state = to_hf(model)

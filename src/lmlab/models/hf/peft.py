@@ -196,6 +196,14 @@ def _publish(directory: Path, files: dict[str, bytes]) -> None:
 
 
 # -- loading -----------------------------------------------------------------------------------
+def read_adapter_base(directory: str | Path) -> str | None:
+    """The base model an adapter names (`base_model_name_or_path`), None if it names none."""
+    read_adapter_config(directory)  # a valid adapter first
+    config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    return base if isinstance(base, str) and base else None
+
+
 def read_adapter_config(directory: str | Path) -> LoraConfig:
     """The LoraConfig of a PEFT adapter directory; anything lmlab would compute differently
     from PEFT is an error that names the file and the key."""
