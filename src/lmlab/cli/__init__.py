@@ -19,10 +19,12 @@ COMMANDS = {
     "prepare": ("lmlab.cli.prepare", "tokenize text into a memory-mapped dataset"),
     "pretrain": ("lmlab.cli.pretrain",
                  "pretrain a GPT or a BERT (--objective) with a YAML config and overrides"),
-    "finetune": ("lmlab.cli.finetune", "fine-tune a pretrained BERT or GPT for classification or extractive QA"),
+    "finetune": ("lmlab.cli.finetune", "fine-tune a pretrained model: classification, extractive QA, SFT (+ LoRA)"),
     "evaluate": ("lmlab.cli.evaluate", "score a fine-tuned model on a labelled file"),
     "predict": ("lmlab.cli.predict", "write a fine-tuned model's predictions for a file"),
     "generate": ("lmlab.cli.generate", "continue prompts with a trained model"),
+    "lora": ("lmlab.cli.lora", "LoRA adapters: merge one into its base model"),
+    "chat": ("lmlab.cli.chat", "talk with a causal language model in the terminal"),
     "plot": ("lmlab.cli.plot", "draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl"),
 }
 

@@ -91,14 +91,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model directory (config.json + weights)")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompt-file", help="a file with one prompt per line")
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam")
-    parser.add_argument("--stop", action="append", dest="stop_strings", metavar="TEXT",
-                        help="stop when this text is generated (repeatable)")
     parser.add_argument("--draft-model", help="a smaller model for speculative decoding")
     parser.add_argument("--compare", nargs="*", metavar="NAME=JSON",
                         help="compare strategies side by side (default: a standard set), e.g. "
                              "greedy={} 'nucleus={\"do_sample\": true, \"top_p\": 0.9}'")
+    add_knob_arguments(parser)
+
+
+def add_knob_arguments(parser, *, helps: dict[str, str] | None = None) -> None:
+    """--do-sample, --stop and a flag per KNOBS entry: the decoding knobs every command that
+    decodes (generate, chat) takes alike; `knobs_from` reads them back. `helps` replaces the
+    help of some knobs (a command with another default says so)."""
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam")
+    parser.add_argument("--stop", action="append", dest="stop_strings", metavar="TEXT",
+                        help="stop when this text is generated (repeatable)")
     for name, (kind, help_text) in KNOBS.items():
+        help_text = (helps or {}).get(name, help_text)
         kind = kind if kind in (int, float) else _flag_type(kind)
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
 
