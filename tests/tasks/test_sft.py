@@ -167,3 +167,22 @@ def test_bad_input_names_file_and_line(tok, tmp_path):
     [example] = sft.read_examples(long)
     with pytest.raises(DataError, match=r"long.jsonl line 1: the prompt is \d+ tokens and fills"):
         sft.encode_example(tok, example, max_length=16)
+
+
+def test_long_conversations_split_at_user_turns_and_files_concatenate(tmp_path):
+    turns = [{"role": "system", "content": "s"}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": str(i)} for i in range(7)]
+    path = write_jsonl(tmp_path / "long.jsonl", [{"messages": turns}])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "p", "completion": "c"}])
+    examples = sft.read_examples([path, other], sft.DataFormat(max_turns=3))
+    # u0 a1 u2 a3 u4 a5 u6: pieces end with a reply, so windows of 3 give [u0 a1] [u2 a3]
+    # [u4 a5]; the last user message has no reply; each piece keeps the system message
+    pieces = [[m["content"] for m in e.messages] for e in examples[:-1]]
+    assert pieces == [["s", "0", "1"], ["s", "2", "3"], ["s", "4", "5"]]
+    assert "(messages 1-2)" in examples[0].where
+    assert examples[-1].prompt == "p"  # the second file follows the first
+    examples = sft.read_examples(path, sft.DataFormat(max_turns=4))
+    assert [[m["content"] for m in e.messages] for e in examples] == [
+        ["s", "0", "1", "2", "3"], ["s", "4", "5"]]
+    with pytest.raises(Exception, match="max_turns must be at least 2"):
+        sft.read_examples(path, sft.DataFormat(max_turns=1))

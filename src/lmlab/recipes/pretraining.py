@@ -45,8 +45,9 @@ class PretrainConfig:
 
     objective: str = "causal"  # the recipe: causal, mlm or mlm+nsp (each config narrows it)
     # -- data
-    # a prepared dataset (lmlab prepare), or raw text: files, folders, globs, JSONL
-    data: str | None = None
+    # a prepared dataset (lmlab prepare), or raw text: files, folders, globs, JSONL — one, or a
+    # list of them (a YAML list: several corpora in one run)
+    data: str | list[str] | None = None
     # for raw text: "bpe", "wordpiece", "char" or a tokenizer directory; "auto": the recipe's
     tokenizer: str = "auto"
     vocab_size: int = 8192  # BPE / WordPiece vocabulary size when a tokenizer is trained on the fly
@@ -108,7 +109,7 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
     if cfg.data is None:
         raise ConfigError("data: no training data; pass --data PATH (text, folder, glob, JSONL or "
                           "a dataset made by `lmlab prepare`)")
-    if (Path(cfg.data) / META_FILE).is_file():
+    if isinstance(cfg.data, str) and (Path(cfg.data) / META_FILE).is_file():
         if cfg.doc_separator is not None:
             raise ConfigError(f"doc_separator: {cfg.data} is a prepared dataset, whose documents "
                               "are already fixed; it applies to raw text (or to `lmlab prepare "
@@ -119,7 +120,7 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
         if (directory / META_FILE).is_file():
             _check_same_data_settings(cfg, run_dir)
         else:
-            sources = [cfg.data]
+            sources = cfg.data if isinstance(cfg.data, list) else [cfg.data]
             tokenizer = (Tokenizer.from_pretrained(cfg.init_from) if cfg.init_from is not None
                          else build_tokenizer(cfg.tokenizer, sources, vocab_size=cfg.vocab_size))
             prepare_dataset(sources, tokenizer=tokenizer, out_dir=directory,
@@ -143,12 +144,16 @@ def _check_same_data_settings(cfg: PretrainConfig, run_dir: Path) -> None:
     before = read_yaml(saved)
     for key in _DATA_SETTINGS:
         old, new = before.get(key), getattr(cfg, key)
-        same = (Path(old).resolve() == Path(new).resolve() if key == "data" and old and new
+        same = (_resolved(old) == _resolved(new) if key == "data" and old and new
                 else old == new)
         if not same:
             raise ConfigError(
                 f"{key}: {run_dir / 'data'} was prepared with {key} {old!r}, this run gives "
                 f"{new!r}; resume with the run's data settings, or start a new --out")
+
+
+def _resolved(data: str | list[str]) -> list[Path]:
+    return [Path(d).resolve() for d in ([data] if isinstance(data, str) else data)]
 
 
 def check_context(cfg: PretrainConfig, model) -> None:

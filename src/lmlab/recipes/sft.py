@@ -10,13 +10,15 @@ model; checkpoints then hold the adapter weights only.
 
 RUN_DIR: the model (or adapter) with its tokenizer and chat template, train_config.yaml,
 metrics.jsonl, loss.png, checkpoints/, results.json (validation loss and perplexity per trained
-token before and after training), and `samples_<split>.jsonl`: replies generated greedily for
-the first `samples` prompts of the test split (else validation), next to the references.
+token before and after training; distinct-1/2 of the sampled replies), and
+`samples_<split>.jsonl`: replies to `samples` prompts of the test split (else validation), drawn
+with the seed, under each of `sample_strategies`, next to the references.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from lmlab.errors import ConfigError
+from lmlab.evaluation.text_metrics import distinct_n
 from lmlab.generation import generate
 from lmlab.models.gpt import GPT
 from lmlab.models.hf import from_pretrained, read_config
@@ -41,6 +44,14 @@ from lmlab.training.loop import OptimConfig
 log = logging.getLogger(__name__)
 
 
+# The report's decoding strategies: generate's knobs (sampling is seeded with the run's seed).
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "greedy": {},
+    "sampling": {"do_sample": True, "temperature": 0.8, "top_p": 0.9},
+    "beam": {"num_beams": 4, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
+}
+
+
 def sft_optim() -> OptimConfig:
     return finetuning_optim(metric="val_loss")
 
@@ -48,6 +59,10 @@ def sft_optim() -> OptimConfig:
 @dataclass
 class SFTConfig(FinetuneConfig):
     model: str = ""  # a causal LM directory: an lmlab GPT run or a transformers GPT-2 checkpoint
+    # JSONL files; each may also be a list of files (several datasets in one run)
+    train: str | list[str] | None = None
+    validation: str | list[str] | None = None
+    test: str | list[str] | None = None
     max_length: int = 512  # tokens per example (per packed sequence), EOS included
     # -- data (lmlab/tasks/sft.py): the format is told from each file's fields unless set
     format: str = "auto"  # messages | prompt_completion | alpaca | turns | fields
@@ -55,11 +70,15 @@ class SFTConfig(FinetuneConfig):
     completion_field: str | None = None  # format fields: e.g. "text"
     speaker_roles: dict[str, str] | None = None  # format turns: {"USER": "user", …}
     system_prompt: str | None = None  # added to conversations that have none
+    max_turns: int | None = None  # longer conversations become several examples (sft.py)
     # -- what trains
     train_on_prompt: bool = False  # False: the completion / assistant tokens (and EOS) only
     packing: bool = False  # several examples per sequence, block-diagonal attention
     chat_template: str | None = None  # a Jinja file or string; default: the model's, else lmlab's
-    samples: int = 5  # replies generated for the report (greedy, first N prompts); 0 = none
+    # The report: replies to `samples` prompts of the test split (else validation), drawn with
+    # the seed (not picked by hand), under each decoding strategy named (STRATEGIES).
+    samples: int = 5  # 0 = none
+    sample_strategies: list[str] = field(default_factory=lambda: ["greedy"])
     sample_max_new_tokens: int = 128
     optim: OptimConfig = field(default_factory=sft_optim)
 
@@ -72,12 +91,17 @@ class SFTConfig(FinetuneConfig):
             raise ConfigError("format 'fields' needs completion_field (and prompt_template)")
         if self.samples < 0 or self.sample_max_new_tokens <= 0:
             raise ConfigError("samples must be >= 0 and sample_max_new_tokens positive")
+        unknown = [s for s in self.sample_strategies if s not in STRATEGIES]
+        if unknown or not self.sample_strategies:
+            raise ConfigError(f"sample_strategies: expected some of {', '.join(STRATEGIES)}, "
+                              f"got {self.sample_strategies}")
 
     @property
     def data_format(self) -> sft.DataFormat:
         return sft.DataFormat(format=self.format, prompt_template=self.prompt_template,
                               completion_field=self.completion_field,
-                              speaker_roles=self.speaker_roles, system_prompt=self.system_prompt)
+                              speaker_roles=self.speaker_roles, system_prompt=self.system_prompt,
+                              max_turns=self.max_turns)
 
 
 def chat_template_of(cfg: SFTConfig, tokenizer: Tokenizer) -> str:
@@ -174,13 +198,32 @@ def finetune_sft(cfg: SFTConfig, *, run_dir: str | Path, resume: bool = False,
         test = sft.evaluate_loss(model, test_data, batch_size=cfg.eval_size,
                                  pad_id=pad_id(tokenizer), device=device, prefix="")
     split, path = ("test", cfg.test) if cfg.test else ("validation", cfg.validation)
-    samples = None
+    samples, extra = None, {"validation_before": before}
     if cfg.samples:
-        rows = sample_replies(model, tokenizer, sft.read_examples(path, cfg.data_format)
-                              [:cfg.samples], max_new_tokens=cfg.sample_max_new_tokens)
+        rows, extra["samples"] = report_samples(cfg, model, tokenizer, path)
         samples = run_steps.write_jsonl(run_dir / f"samples_{split}.jsonl", rows)
-    return finish(run_dir, result, started=t0, test=test, predictions=samples,
-                  extra={"validation_before": before})
+    return finish(run_dir, result, started=t0, test=test, predictions=samples, extra=extra)
+
+
+def report_samples(cfg: SFTConfig, model, tokenizer: Tokenizer, path
+                   ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """Replies to `cfg.samples` prompts drawn with the seed, under each strategy, and per
+    strategy the distinct-1/2 (unique word uni/bigrams over all) and mean length of the replies."""
+    examples = sft.read_examples(path, cfg.data_format)
+    chosen = sorted(random.Random(cfg.optim.seed).sample(range(len(examples)),
+                                                         min(cfg.samples, len(examples))))
+    rows, figures = [], {}
+    for name in cfg.sample_strategies:
+        knobs = dict(STRATEGIES[name])
+        if knobs.get("do_sample"):
+            knobs["seed"] = cfg.optim.seed
+        replies = sample_replies(model, tokenizer, [examples[i] for i in chosen],
+                                 max_new_tokens=cfg.sample_max_new_tokens, **knobs)
+        rows.extend({"strategy": name, **r} for r in replies)
+        words = [r["generated"].split() for r in replies]
+        figures[name] = {"distinct_1": distinct_n(words, 1), "distinct_2": distinct_n(words, 2),
+                         "mean_words": sum(map(len, words)) / max(len(words), 1)}
+    return rows, figures
 
 
 # -- replies: the report's samples, `lmlab predict` --------------------------------------------

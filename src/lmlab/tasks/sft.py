@@ -78,6 +78,10 @@ class DataFormat:
     completion_field: str | None = None  # format "fields"
     speaker_roles: dict[str, str] | None = None  # format "turns"
     system_prompt: str | None = None  # prepended to every conversation that has none
+    # A conversation longer than this many messages (system aside) becomes several examples,
+    # each starting at a user message, so that a long dialogue is learned whole rather than
+    # truncated away at max_length.
+    max_turns: int | None = None
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -152,18 +156,48 @@ def _turns(record: dict[str, Any], roles: dict[str, str], where: str) -> list[di
     return check_messages(messages, where)
 
 
-def read_examples(path: str | Path, data: DataFormat = DataFormat()) -> list[SFTExample]:
-    """A JSONL file's examples; a record without the expected fields is a DataError naming the
-    file and line."""
-    path = Path(path)
+def split_conversation(example: SFTExample, max_turns: int) -> list[SFTExample]:
+    """Consecutive pieces of at most `max_turns` messages, each starting at a user message and
+    ending with an assistant reply (so no reply is cut off from its question); the system
+    message, if any, heads every piece."""
+    messages = example.messages
+    system = [messages[0]] if messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    pieces, start = [], 0
+    while start < len(rest):
+        window = range(start, min(start + max_turns, len(rest)))
+        last = max((i for i in window if rest[i]["role"] == "assistant"), default=None)
+        if last is not None:
+            pieces.append(SFTExample(system + rest[start:last + 1], None, None,
+                                     f"{example.where} (messages {start + 1}-{last + 1})"))
+        start = window.stop if last is None else last + 1
+        while start < len(rest) and rest[start]["role"] != "user":
+            start += 1
+    return pieces
+
+
+def read_examples(paths: str | Path | Sequence[str | Path],
+                  data: DataFormat = DataFormat()) -> list[SFTExample]:
+    """The examples of one JSONL file or several (concatenated, in order); a record without
+    the expected fields is a DataError naming the file and line."""
     if data.format not in FORMATS:
         raise ConfigError(f"format: expected one of {', '.join(FORMATS)}, got {data.format!r}")
+    if data.max_turns is not None and data.max_turns < 2:
+        raise ConfigError(f"max_turns must be at least 2 (a user message and a reply), got "
+                          f"{data.max_turns}")
     examples = []
-    for number, record in iter_records(path, "jsonl"):
-        where = f"{path} line {number}"
-        examples.append(to_example(record, detect_format(record, data, where), data, where))
-    if not examples:
-        raise DataError(f"{path}: no examples")
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        path, found = Path(path), 0
+        for number, record in iter_records(path, "jsonl"):
+            where = f"{path} line {number}"
+            example = to_example(record, detect_format(record, data, where), data, where)
+            pieces = [example]
+            if data.max_turns is not None and example.messages is not None:
+                pieces = split_conversation(example, data.max_turns)
+            examples.extend(pieces)
+            found += 1
+        if not found:
+            raise DataError(f"{path}: no examples")
     return examples
 
 
