@@ -154,6 +154,17 @@ def convert_value(value: Any, annotation: Any, *, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         items = [convert_value(v, item_type, where=where) for v in value]
         return items if origin is list else tuple(items)
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation) or (str, str)
+        if isinstance(value, str) and value.strip().startswith("{"):  # --key '{A: b}'
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping such as {{A: b}}, got {value!r}")
+        return {convert_value(k, key_type, where=where): convert_value(v, value_type, where=where)
+                for k, v in value.items()}
     if _section(annotation) is not None:
         if isinstance(value, annotation):
             return value

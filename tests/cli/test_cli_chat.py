@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from lmlab.cli import chat as chat_cli
-from lmlab.cli.chat import PROMPT, REPLY, TurnText, turn_markers
+from lmlab.cli.chat import PROMPT, REPLY, TurnText
 from lmlab.generation import generate
 from lmlab.models import from_pretrained
 from lmlab.tokenizer import Tokenizer
-from lmlab.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, encode_prompt
+from lmlab.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, encode_prompt, turn_markers
 
 from test_cli_errors import assert_usage_error, run_cli  # noqa: E402  (same folder)
 

@@ -29,8 +29,7 @@ from lmlab.errors import ConfigError
 from lmlab.generation import GenerationConfig, generate_tokens
 from lmlab.generation.generate import beam_search
 from lmlab.tokenizer import Tokenizer
-from lmlab.tokenizer.chat import (ChatTemplateError, check_messages, encode_prompt,
-                                  render_chat, template_source)
+from lmlab.tokenizer.chat import check_messages, encode_prompt, template_source, turn_markers
 
 PROMPT = "you> "
 REPLY = "assistant> "
@@ -43,8 +42,6 @@ HELP = """\
 /help         this list
 /exit         leave (also Ctrl-D); Ctrl-C stops a reply while it is written
 To send a message that starts with /, write // instead."""
-# Contents of the probe conversation that finds a template's end-of-turn text.
-_PROBE_REPLY, _PROBE_NEXT = "lmlab-probe-reply-7f3a", "lmlab-probe-next-9c1e"
 
 
 def add_arguments(parser) -> None:
@@ -124,32 +121,6 @@ def reply_config(args, model, tokenizer, markers: list[str]) -> GenerationConfig
         return GenerationConfig(**knobs)
     except ValueError as err:
         raise _config_error(err) from None
-
-
-def turn_markers(tokenizer, template: str) -> list[str]:
-    """The text a reply ends at, as the template writes it: what closes an assistant message
-    ("<|im_end|>") and what opens the next user turn ("### User:", "<|im_start|>user"), found
-    by rendering a probe conversation. The tokenizer's EOS, which stops decoding anyway, and
-    bare whitespace are left out; a template that refuses the probe has none (EOS ends
-    replies)."""
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
-    try:
-        closed = render_chat(tokenizer, probe, template=template)
-        followed = render_chat(tokenizer, probe + [{"role": "user", "content": _PROBE_NEXT}],
-                               template=template)
-    except ChatTemplateError:  # e.g. a template that demands a system message first
-        return []
-    if _PROBE_REPLY not in closed or _PROBE_NEXT not in followed:
-        return []
-    closer = closed[closed.rindex(_PROBE_REPLY) + len(_PROBE_REPLY):]
-    end = followed.index(_PROBE_REPLY) + len(_PROBE_REPLY)
-    between = followed[end:followed.index(_PROBE_NEXT, end)]
-    opener = between.removeprefix(closer)
-    markers = []
-    for text in (closer.strip(), opener.strip()):
-        if text and text != tokenizer.eos_token and text not in markers:
-            markers.append(text)
-    return markers
 
 
 class TurnText:

@@ -48,6 +48,10 @@ class PretrainConfig:
     # a prepared dataset (lmlab prepare), or raw text: files, folders, globs, JSONL — one, or a
     # list of them (a YAML list: several corpora in one run)
     data: str | list[str] | None = None
+    # raw text: a held-out validation corpus (instead of val_fraction of `data`), e.g. a
+    # domain's own validation split when continuing pretraining on it
+    val_data: str | list[str] | None = None
+    text_field: str = "text"  # the string field of JSONL records
     # for raw text: "bpe", "wordpiece", "char" or a tokenizer directory; "auto": the recipe's
     tokenizer: str = "auto"
     vocab_size: int = 8192  # BPE / WordPiece vocabulary size when a tokenizer is trained on the fly
@@ -122,9 +126,13 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
         else:
             sources = cfg.data if isinstance(cfg.data, list) else [cfg.data]
             tokenizer = (Tokenizer.from_pretrained(cfg.init_from) if cfg.init_from is not None
-                         else build_tokenizer(cfg.tokenizer, sources, vocab_size=cfg.vocab_size))
+                         else build_tokenizer(cfg.tokenizer, sources, vocab_size=cfg.vocab_size,
+                                              text_field=cfg.text_field))
+            val_sources = (None if cfg.val_data is None else
+                           cfg.val_data if isinstance(cfg.val_data, list) else [cfg.val_data])
             prepare_dataset(sources, tokenizer=tokenizer, out_dir=directory,
-                            val_fraction=cfg.val_fraction, document_separator=cfg.doc_separator)
+                            val_sources=val_sources, val_fraction=cfg.val_fraction,
+                            text_field=cfg.text_field, document_separator=cfg.doc_separator)
     dataset = TokenDataset.open(directory)
     tokenizer = Tokenizer.from_pretrained(directory)
     return dataset, tokenizer
@@ -132,7 +140,8 @@ def load_or_prepare_data(cfg: PretrainConfig, run_dir: Path) -> tuple[TokenDatas
 
 # What shapes RUN_DIR/data when raw text is prepared on the fly. A resumed run reuses that
 # dataset, so a different value would be silently ignored: it is an error instead.
-_DATA_SETTINGS = ("data", "tokenizer", "vocab_size", "val_fraction", "doc_separator", "init_from")
+_DATA_SETTINGS = ("data", "val_data", "text_field", "tokenizer", "vocab_size", "val_fraction",
+                  "doc_separator", "init_from")
 
 
 def _check_same_data_settings(cfg: PretrainConfig, run_dir: Path) -> None:
@@ -144,8 +153,8 @@ def _check_same_data_settings(cfg: PretrainConfig, run_dir: Path) -> None:
     before = read_yaml(saved)
     for key in _DATA_SETTINGS:
         old, new = before.get(key), getattr(cfg, key)
-        same = (_resolved(old) == _resolved(new) if key == "data" and old and new
-                else old == new)
+        same = (_resolved(old) == _resolved(new) if key in ("data", "val_data") and old and new
+                else old == new or (key == "text_field" and old is None and new == "text"))
         if not same:
             raise ConfigError(
                 f"{key}: {run_dir / 'data'} was prepared with {key} {old!r}, this run gives "

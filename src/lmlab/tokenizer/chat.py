@@ -52,6 +52,10 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# Contents of the probe conversation that finds a template's end-of-turn text.
+_PROBE_REPLY, _PROBE_NEXT = "lmlab-probe-reply-7f3a", "lmlab-probe-next-9c1e"
+
+
 class ChatTemplateError(DataError):
     """A template that does not compile or render, or that never renders the assistant's part."""
 
@@ -217,3 +221,29 @@ def encode_chat(tokenizer, messages: list[dict[str, str]], *, template: str | No
             span += 1
         trained.append(span < len(spans) and end > spans[span][0])
     return ChatEncoding(text=text, ids=list(encoding.ids), trained=trained)
+
+
+def turn_markers(tokenizer, template: str | None = None) -> list[str]:
+    """The text a reply ends at, as the template writes it: what closes an assistant message
+    ("<|im_end|>") and what opens the next user turn ("### User:", "<|im_start|>user"), found
+    by rendering a probe conversation. The tokenizer's EOS, which stops decoding anyway, and
+    bare whitespace are left out; a template that refuses the probe has none (EOS ends
+    replies)."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    try:
+        closed = render_chat(tokenizer, probe, template=template)
+        followed = render_chat(tokenizer, probe + [{"role": "user", "content": _PROBE_NEXT}],
+                               template=template)
+    except ChatTemplateError:  # e.g. a template that demands a system message first
+        return []
+    if _PROBE_REPLY not in closed or _PROBE_NEXT not in followed:
+        return []
+    closer = closed[closed.rindex(_PROBE_REPLY) + len(_PROBE_REPLY):]
+    end = followed.index(_PROBE_REPLY) + len(_PROBE_REPLY)
+    between = followed[end:followed.index(_PROBE_NEXT, end)]
+    opener = between.removeprefix(closer)
+    markers = []
+    for text in (closer.strip(), opener.strip()):
+        if text and text != tokenizer.eos_token and text not in markers:
+            markers.append(text)
+    return markers
