@@ -157,12 +157,18 @@ def test_there_are_finetune_configs():
 def test_every_finetune_yaml_loads(path):
     recipe = find_recipe(read_yaml(path)["recipe"], command="finetune")  # the file names it
     cfg = load_recipe_config(recipe, path)
-    assert recipe.name == ("qa" if path.stem == "squad" else "classification")
+    sft = {"instructions_sft", "sgd_dialogue", "poetry"}
+    assert recipe.name == ("qa" if path.stem == "squad" else "sft" if path.stem in sft
+                           else "classification")
     assert cfg.train and cfg.validation and cfg.test
     data = ROOT / ".." / "shared" / "data"
     if data.is_dir():  # the files it names exist where the repository expects them
         for split in (cfg.train, cfg.validation, cfg.test):
-            assert (ROOT / split).is_file(), split
+            for file in [split] if isinstance(split, str) else split:
+                assert (ROOT / file).is_file(), file
+    if recipe.name == "sft":  # they start from the English base the docs pretrain first
+        assert cfg.model == "runs/english_base"
+        assert (ROOT / "configs/pretrain/gpt_english_base.yaml").is_file()
     if path.stem == "squad":  # train and test articles are disjoint (the two halves)
         train, val, test = set(cfg.train_titles), set(cfg.validation_titles), set(cfg.test_titles)
         assert not (train & test or val & test or train & val)
