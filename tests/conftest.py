@@ -89,11 +89,15 @@ def _corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def sentiment_files(tmp_path_factory):
     """train.jsonl (240 rows) and validation.jsonl (80 rows) of the synthetic sentiment task."""
+    return write_splits(tmp_path_factory.mktemp("sentiment"),
+                        {"train": sentiment_rows(240, 0), "validation": sentiment_rows(80, 1)})
+
+
+def write_splits(directory, splits: dict[str, list[dict]]):
+    """DIRECTORY/<split>.jsonl for each split's rows; returns DIRECTORY."""
     import json
 
-    directory = tmp_path_factory.mktemp("sentiment")
-    for name, n, seed in (("train", 240, 0), ("validation", 80, 1)):
-        rows = sentiment_rows(n, seed)
+    for name, rows in splits.items():
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return directory
 

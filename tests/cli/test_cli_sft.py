@@ -10,6 +10,7 @@ import pytest
 
 from lmlab.tokenizer import Tokenizer
 from lmlab.tokenizer.chat import DEFAULT_CHAT_TEMPLATE
+from conftest import write_splits
 from test_cli_errors import one_line, run_cli
 
 WORDS = "good great fine happy nice lovely bad awful sad poor ugly horrible".split()
@@ -31,11 +32,9 @@ def conversations(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sft_files(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("sft_data")
-    for name, n, seed in (("train", 96, 0), ("validation", 24, 1)):
-        rows = conversations(n, seed)
-        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return directory
+    return write_splits(tmp_path_factory.mktemp("sft_data"),
+                        {"train": conversations(96, 0),
+                         "validation": conversations(24, 1)})
 
 
 def sft_args(model_dir, files, out, *extra) -> list:

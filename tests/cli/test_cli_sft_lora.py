@@ -17,6 +17,7 @@ import torch
 
 from lmlab.models.hf import from_pretrained
 from lmlab.models.hf.peft import load_adapter
+from conftest import write_splits
 from test_cli_errors import one_line, run_cli
 from test_cli_sft import conversations, sft_args
 
@@ -26,11 +27,9 @@ LORA = ["--lora.r", "4", "--lora.alpha", "8", "--lora.target_modules", "c_attn,c
 
 @pytest.fixture(scope="module")
 def sft_files(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("sft_lora_data")
-    for name, n, seed in (("train", 64, 0), ("validation", 16, 1)):
-        rows = conversations(n, seed)
-        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return directory
+    return write_splits(tmp_path_factory.mktemp("sft_lora_data"),
+                        {"train": conversations(64, 0),
+                         "validation": conversations(16, 1)})
 
 
 def lora_args(model_dir, files, out, *extra):

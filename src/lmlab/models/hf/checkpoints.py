@@ -37,13 +37,19 @@ def read_config(directory: Path) -> dict[str, Any]:
             f"{directory}: no config.json; expected a model directory "
             "(config.json + model.safetensors, as written by save_pretrained)"
         )
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object (config.json, adapter_config.json); anything else is a
+    CheckpointError naming the file."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
+    if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    return config
+    return value
 
 
 def read_state_dict(directory: Path) -> State:

@@ -35,7 +35,7 @@ from lmlab.models.bert import (
     BertModel,
 )
 from lmlab.models.gpt import GPT, GPTForSequenceClassification
-from lmlab.models.hf.checkpoints import state_to_hf
+from lmlab.models.hf.checkpoints import read_json_object, state_to_hf
 from lmlab.models.hf.records import _lookup
 from lmlab.models.lora import (
     LoraConfig,
@@ -199,7 +199,7 @@ def _publish(directory: Path, files: dict[str, bytes]) -> None:
 def read_adapter_base(directory: str | Path) -> str | None:
     """The base model an adapter names (`base_model_name_or_path`), None if it names none."""
     read_adapter_config(directory)  # a valid adapter first
-    config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config = read_json_object(Path(directory) / ADAPTER_CONFIG)
     base = config.get("base_model_name_or_path")
     return base if isinstance(base, str) and base else None
 
@@ -216,12 +216,7 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
         raise CheckpointError(f"{directory}: no {ADAPTER_CONFIG}; expected a PEFT adapter "
                               f"directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}, as "
                               "save_adapter or PeftModel.save_pretrained write it)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    config = read_json_object(path)
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type {config.get('peft_type')!r} is not supported "
                               "(lmlab reads LoRA adapters: \"LORA\")")
