@@ -186,3 +186,14 @@ def test_long_conversations_split_at_user_turns_and_files_concatenate(tmp_path):
         ["s", "0", "1", "2", "3"], ["s", "4", "5"]]
     with pytest.raises(Exception, match="max_turns must be at least 2"):
         sft.read_examples(path, sft.DataFormat(max_turns=1))
+
+
+def test_long_prompts_can_be_dropped_instead_of_stopping_the_run(tok, tmp_path):
+    rows = [{"prompt": "the movie " * 40, "completion": "x"}, {"prompt": "a", "completion": "b"}]
+    examples = sft.read_examples(write_jsonl(tmp_path / "mixed.jsonl", rows))
+    with pytest.raises(DataError, match="or set drop_long_prompts: true"):
+        sft.encode_examples(tok, examples, max_length=16)
+    kept = sft.encode_examples(tok, examples, max_length=16, drop_long_prompts=True)
+    assert [e.where for e in kept] == [examples[1].where]
+    with pytest.raises(DataError, match="every example's prompt fills max_length"):
+        sft.encode_examples(tok, examples[:1], max_length=16, drop_long_prompts=True)

@@ -73,6 +73,9 @@ class SFTConfig(FinetuneConfig):
     max_turns: int | None = None  # longer conversations become several examples (sft.py)
     # -- what trains
     train_on_prompt: bool = False  # False: the completion / assistant tokens (and EOS) only
+    # An example whose prompt alone fills max_length has nothing to train: an error naming it,
+    # or with this set, left out (the log counts them).
+    drop_long_prompts: bool = False
     packing: bool = False  # several examples per sequence, block-diagonal attention
     chat_template: str | None = None  # a Jinja file or string; default: the model's, else lmlab's
     # The report: replies to `samples` prompts of the test split (else validation), drawn with
@@ -145,7 +148,8 @@ def prepare(cfg: SFTConfig, model_dir: Path, tokenizer: Tokenizer, paths: list[s
         examples = sft.read_examples(path, cfg.data_format)
         encoded.append(sft.encode_examples(tokenizer, examples, max_length=cfg.max_length,
                                            train_on_prompt=cfg.train_on_prompt,
-                                           template=tokenizer.chat_template))
+                                           template=tokenizer.chat_template,
+                                           drop_long_prompts=cfg.drop_long_prompts))
     return encoded
 
 
@@ -159,7 +163,8 @@ def show_examples(cfg: SFTConfig, count: int) -> str:
     examples = sft.read_examples(cfg.train, cfg.data_format)[:count]
     encoded = sft.encode_examples(tokenizer, examples, max_length=cfg.max_length,
                                   train_on_prompt=cfg.train_on_prompt,
-                                  template=tokenizer.chat_template)
+                                  template=tokenizer.chat_template,
+                                  drop_long_prompts=cfg.drop_long_prompts)
     return sft.show_masks(tokenizer, encoded)
 
 
@@ -262,7 +267,8 @@ def _encoded(run: FinetunedRun, data: Path) -> list[sft.EncodedExample]:
     examples = sft.read_examples(data, run.cfg.data_format)
     return sft.encode_examples(run.tokenizer, examples, max_length=run.cfg.max_length,
                                train_on_prompt=run.cfg.train_on_prompt,
-                               template=template_source(run.tokenizer))
+                               template=template_source(run.tokenizer),
+                               drop_long_prompts=run.cfg.drop_long_prompts)
 
 
 def evaluate_run(run: FinetunedRun, data: Path) -> dict[str, float]:

@@ -25,6 +25,7 @@ same as unpacked.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from lmlab.tasks.losses import summed_cross_entropy
 from lmlab.tokenizer import Tokenizer
 from lmlab.tokenizer.chat import check_messages, encode_chat
 
+log = logging.getLogger(__name__)
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "turns", "fields")
 IGNORE = -100  # the label of a position that is not trained
 # Alpaca's instruction (+ input) as the user's message: the model learns the instruction in
@@ -235,17 +237,38 @@ def encode_example(tokenizer: Tokenizer, example: SFTExample, *, max_length: int
     labels[:-1][targets] = ids_array[1:][targets]
     encoded = EncodedExample(ids=ids_array, labels=labels, where=example.where)
     if encoded.trained == 0:
-        raise DataError(f"{example.where}: the prompt is {prompt_length} tokens and fills the "
-                        f"whole context (max_length {max_length}), leaving no token to train; "
-                        "raise max_length or shorten the example")
+        raise PromptTooLong(f"{example.where}: the prompt is {prompt_length} tokens and fills "
+                            f"the whole context (max_length {max_length}), leaving no token to "
+                            "train; raise max_length, shorten the example, or set "
+                            "drop_long_prompts: true")
     return encoded
 
 
+class PromptTooLong(DataError):
+    """An example whose prompt leaves no room in max_length for a trained token."""
+
+
 def encode_examples(tokenizer: Tokenizer, examples: Sequence[SFTExample], *, max_length: int,
-                    train_on_prompt: bool = False,
-                    template: str | None = None) -> list[EncodedExample]:
-    return [encode_example(tokenizer, e, max_length=max_length, train_on_prompt=train_on_prompt,
-                           template=template) for e in examples]
+                    train_on_prompt: bool = False, template: str | None = None,
+                    drop_long_prompts: bool = False) -> list[EncodedExample]:
+    """Every example encoded; with `drop_long_prompts`, those whose prompt fills the context
+    are left out (and counted in the log) instead of stopping the run."""
+    encoded, dropped = [], []
+    for example in examples:
+        try:
+            encoded.append(encode_example(tokenizer, example, max_length=max_length,
+                                          train_on_prompt=train_on_prompt, template=template))
+        except PromptTooLong:
+            if not drop_long_prompts:
+                raise
+            dropped.append(example.where)
+    if dropped:
+        log.warning("dropped %d of %d examples whose prompt fills max_length %d (first: %s)",
+                    len(dropped), len(examples), max_length, dropped[0])
+    if not encoded:
+        raise DataError(f"{examples[0].where if examples else 'data'}: every example's prompt "
+                        f"fills max_length {max_length}; nothing to train")
+    return encoded
 
 
 def show_masks(tokenizer: Tokenizer, encoded: Sequence[EncodedExample]) -> str:
