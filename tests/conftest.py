@@ -1,6 +1,12 @@
-"""Shared fixtures: tiny random GPT-2 checkpoints, built locally with transformers (never the hub)."""
+"""Shared fixtures: tiny random GPT-2 checkpoints, built locally with transformers (never the hub);
+tiny pretrained lmlab models and data; a live server for the serving tests. (One conftest for
+all: tests import helpers from it as `conftest`, so a second conftest.py would shadow it.)"""
 
 from __future__ import annotations
+
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -133,3 +139,77 @@ def tiny_gpt_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_gpt")
     model.save_pretrained(directory, tokenizer=tok)
     return directory
+
+
+# -- serving: a server on a free loopback port, a slowed model ------------------------------------
+class LiveServer:
+
+    """uvicorn serving `app` in a thread on a free loopback port."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+class Slow:
+    """The tiny model, `delay` seconds slower a forward pass (the decoder protocol, nothing
+    more): long enough to see a row running, or a queue full."""
+
+    def __init__(self, model, delay: float = 0.02):
+        self.model, self.config, self.delay = model, model.config, delay
+        self.context_window = model.context_window
+
+    def new_cache(self, *args, **kwargs):
+        return self.model.new_cache(*args, **kwargs)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.model(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_gpt_dir):
+    """(model, tokenizer) of tiny_gpt_dir, in eval mode."""
+    from lmlab.models import from_pretrained
+    from lmlab.tokenizer import Tokenizer
+
+    return from_pretrained(tiny_gpt_dir).eval(), Tokenizer.from_pretrained(tiny_gpt_dir)
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """LiveServer(app): a context manager serving `app` on a free loopback port."""
+    pytest.importorskip("uvicorn")
+    return LiveServer
+
+
+@pytest.fixture(scope="session")
+def slow_model():
+    """Slow(model, delay=0.02): a model whose every forward pass takes `delay` longer."""
+    return Slow

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lmlab.cli import chat as chat_cli
-from lmlab.cli.chat import PROMPT, REPLY, TurnText
+from lmlab.cli.chat import PROMPT, REPLY
+from lmlab.generation.stopping import StopText
 from lmlab.generation import generate
 from lmlab.models import from_pretrained
 from lmlab.tokenizer import Tokenizer
@@ -298,12 +299,12 @@ def test_turn_markers_are_read_from_the_template(tiny_gpt_dir):
 
 
 def test_turn_text_never_shows_a_marker_or_the_whitespace_before_it():
-    text = TurnText(["### User:"])
+    text = StopText(["### User:"], trim=True)
     shown = [text.push(chunk) for chunk in ["Hi", " there", "\n\n#", "#", "# Us", "er:", "x"]]
     assert shown == ["Hi", " there", "", "", "", "", ""]
     assert text.ended and text.shown == "Hi there"
     # text that only looked like the start of a marker comes out once it is known not to be
-    text = TurnText(["### User:"])
+    text = StopText(["### User:"], trim=True)
     assert [text.push(c) for c in ["a ", "##", "#!", " b "]] == ["a", "", " ###!", " b"]
     assert text.finish() == " " and text.shown == "a ###! b "
 

@@ -25,6 +25,7 @@ COMMANDS = {
     "generate": ("lmlab.cli.generate", "continue prompts with a trained model"),
     "lora": ("lmlab.cli.lora", "LoRA adapters: merge one into its base model"),
     "chat": ("lmlab.cli.chat", "talk with a causal language model in the terminal"),
+    "serve": ("lmlab.cli.serve", "an OpenAI-compatible HTTP server with continuous batching"),
     "plot": ("lmlab.cli.plot", "draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl"),
 }
 

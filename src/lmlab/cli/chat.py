@@ -28,6 +28,7 @@ from lmlab.cli.generate import _config_error, add_knob_arguments, knobs_from, lo
 from lmlab.errors import ConfigError
 from lmlab.generation import GenerationConfig, generate_tokens
 from lmlab.generation.generate import beam_search
+from lmlab.generation.stopping import StopText
 from lmlab.tokenizer import Tokenizer
 from lmlab.tokenizer.chat import check_messages, encode_prompt, template_source, turn_markers
 
@@ -123,47 +124,6 @@ def reply_config(args, model, tokenizer, markers: list[str]) -> GenerationConfig
         raise _config_error(err) from None
 
 
-class TurnText:
-    """A reply's text as it streams in: cut where the first marker begins (whitespace before
-    it too). Text that may still turn out to be the start of a marker, or whitespace before
-    one, is held back until it is known not to be, so a marker is never printed."""
-
-    def __init__(self, markers: list[str]):
-        self.markers = [m for m in markers if m]
-        self.text = ""  # all decoded so far
-        self.shown = ""  # released: the reply as printed
-        self.ended = False  # a marker was found
-
-    def push(self, chunk: str) -> str:
-        """Add decoded text; return the part now safe to print."""
-        if self.ended or not chunk:
-            return ""
-        self.text += chunk
-        cuts = [i for i in (self.text.find(m) for m in self.markers) if i >= 0]
-        if cuts:
-            self.ended = True
-            return self._release(self.text[:min(cuts)].rstrip())
-        # Hold back from the earliest place where whitespace and then the start of a marker
-        # (or only whitespace) run to the end of the text.
-        hold, longest = len(self.text), max((len(m) for m in self.markers), default=0)
-        for start in range(len(self.text) - 1, len(self.shown) - 1, -1):
-            tail = self.text[start:]
-            rest = tail.lstrip()
-            if not rest or any(m.startswith((tail, rest)) for m in self.markers):
-                hold = start
-            elif len(rest) > longest:
-                break
-        return self._release(self.text[:hold])
-
-    def finish(self) -> str:
-        """The reply has ended without a marker: release what was held back."""
-        return "" if self.ended else self._release(self.text)
-
-    def _release(self, upto: str) -> str:
-        new, self.shown = upto[len(self.shown):], upto
-        return new
-
-
 class Chat:
     """A conversation with a model: the system prompt, the turns so far (user and assistant
     messages in pairs), and how each reply is decoded."""
@@ -220,7 +180,7 @@ class Chat:
             self.history = self.history[2 * dropped:]
             print(f"[history trimmed: dropped {dropped} oldest turn{'s' * (dropped > 1)} to fit "
                   f"the {self.model.context_window}-token context]", file=err, flush=True)
-        text, decoder = TurnText(self.markers), self.tokenizer.stream_decoder()
+        text, decoder = StopText(self.markers, trim=True), self.tokenizer.stream_decoder()
         eos = set(self.config.eos_token_id)
         out.write(REPLY)
         out.flush()

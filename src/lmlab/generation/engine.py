@@ -105,13 +105,17 @@ class Row:
 @dataclass
 class Event:
     """What one step produced for one row: its token, the text it completed (when the row
-    streams text; a broken UTF-8 character is held back until complete) and, on its last
-    token, why it finished."""
+    streams text; a broken UTF-8 character is held back until complete), on its last token why
+    it finished, and (when its group asked for log-probs) the token's log-probability under the
+    model — log_softmax of the raw logits, before any processor or warper — with the
+    `top_logprobs` most likely tokens' as (token, log-prob) pairs."""
 
     row: Row
     token: int
     text: str = ""
     finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class _Group:
@@ -127,6 +131,7 @@ class _Group:
         self.budget = budget
         self.rows = [Row(group=self, index=i, budget=budget) for i in range(rows)]
         self.done = False
+        self.logprobs: int | None = None  # events carry log-probs (and this many top ones)
 
     def expand(self) -> list[int] | None:
         """After prefill: for each row, the prefilled row it starts as a copy of (None: each
@@ -266,6 +271,17 @@ class _BeamGroup(_Group):
         return self.state.output(self.config.num_return_sequences)
 
 
+def _attach_logprobs(events: list[Event], log_probs: torch.Tensor, tokens: torch.Tensor,
+                     top: int) -> None:
+    """Each event's token's log-prob from its row of `log_probs` (B, V), and the `top` best."""
+    chosen = log_probs.gather(1, tokens[:, None].to(log_probs.device))[:, 0].tolist()
+    best = log_probs.topk(min(top, log_probs.shape[-1]), dim=-1) if top else None
+    for i, event in enumerate(events):
+        event.logprob = chosen[i]
+        event.top_logprobs = ([] if best is None else
+                              list(zip(best.indices[i].tolist(), best.values[i].tolist())))
+
+
 class Engine:
     """Rows of any prompts and knobs, decoded together; see the module's docstring.
 
@@ -296,13 +312,15 @@ class Engine:
     def add(self, input_ids: torch.Tensor | list[int], config: GenerationConfig, *,
             attention_mask: torch.Tensor | None = None, stream_text: bool = False,
             source_ids: torch.Tensor | None = None,
-            source_mask: torch.Tensor | None = None) -> list[Row]:
+            source_mask: torch.Tensor | None = None,
+            logprobs: int | None = None) -> list[Row]:
         """Queue a prompt (1-D, or (B, P) with `attention_mask` marking left padding) to decode
         with `config`; it joins the running batch at the next step. Returns its rows in order
         (for num_return_sequences > 1 with sampling, each prompt's samples follow each other;
         for beam search, every beam of every prompt). Lengths are checked here, before any
         work. `stream_text` gives each row's events their decoded text (needs the engine's
-        tokenizer). An encoder–decoder takes one source per prompt (`source_ids`, with
+        tokenizer); `logprobs` (k >= 0) gives them each token's log-probability and the k most
+        likely tokens' (see Event). An encoder–decoder takes one source per prompt (`source_ids`, with
         `source_mask` for padding), which its `encode` reads when the group joins; the prompt is
         then the decoder's start."""
         input_ids, attention_mask = self._tensors(input_ids, attention_mask,
@@ -324,6 +342,12 @@ class Engine:
             raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + {budget} new tokens "
                              f"exceeds this engine's max_len of {self.max_len}")
         group = self._group(input_ids, attention_mask, config, budget, source, stream_text)
+        if logprobs is not None:
+            if not isinstance(logprobs, int) or logprobs < 0:
+                raise ValueError(f"logprobs must be an integer >= 0, got {logprobs!r}")
+            if config.num_beams > 1:
+                raise ValueError("log-probs are per streamed token: not with beam search")
+            group.logprobs = logprobs
         if len(group.rows) > self.max_rows:
             raise ValueError(f"{len(group.rows)} rows (prompts × beams or samples) exceed this "
                              f"engine's max_rows of {self.max_rows}")
@@ -410,10 +434,16 @@ class Engine:
                 in_order = slots == list(range(slots[0], slots[-1] + 1))
                 mine = (scores[slots[0]:slots[-1] + 1] if in_order
                         else scores[torch.tensor(slots, device=scores.device)])
+                # Before choose: processors may change the scores in place.
+                log_probs = (None if group.logprobs is None
+                             else torch.log_softmax(mine.float(), dim=-1))
                 tokens, source = group.choose(rows, mine)
                 if source is not None:  # beams continue other beams: copy their cache rows
                     self.runner.cache.copy_rows([rows[i].slot for i in source], slots)
-                events.extend(group.record(rows, tokens.tolist()))
+                new = group.record(rows, tokens.tolist())
+                if log_probs is not None:
+                    _attach_logprobs(new, log_probs, tokens, group.logprobs)
+                events.extend(new)
             self._retire()
             return events
 
