@@ -246,11 +246,15 @@ def prompt_ids(tokenizer: Tokenizer, example: sft.SFTExample) -> tuple[list[int]
 def sample_replies(model, tokenizer: Tokenizer, examples: list[sft.SFTExample], *,
                    max_new_tokens: int, **knobs) -> list[dict[str, Any]]:
     """Replies to each example's prompt, stopping at EOS: greedy, or as `knobs` (generate's
-    decoding settings) say. A prompt longer than the context keeps its end."""
+    decoding settings) say; a `seed` is offset by the example's position, so that every
+    prompt draws its own random numbers. A prompt longer than the context keeps its end."""
     rows = []
     window = model.context_window
     device = next(model.parameters()).device
-    for example in examples:
+    seed = knobs.pop("seed", None)
+    for position, example in enumerate(examples):
+        if seed is not None:
+            knobs["seed"] = seed + position
         ids, reference = prompt_ids(tokenizer, example)
         ids = ids[-(window - 1):]
         budget = min(max_new_tokens, window - len(ids))
