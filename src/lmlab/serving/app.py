@@ -269,6 +269,8 @@ async def read_json(request: Request, limit: int):
         return json.loads(b"".join(body))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"the request body is not valid JSON: {error}") from None
+    except RecursionError:  # e.g. 100,000 "[": the parser's recursion limit, not a server fault
+        raise APIError(400, "the request body's JSON is nested too deeply") from None
 
 
 def model_card(server: Server) -> dict:

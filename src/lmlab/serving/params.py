@@ -23,6 +23,9 @@ from lmlab.generation import GenerationConfig
 from lmlab.serving.schemas import APIError, Sampling
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# Below this, logits / temperature can overflow to inf and the softmax to NaN, which fails the
+# whole decoding step: every running request, not only the one that asked.
+MIN_TEMPERATURE = 1e-6
 
 # GenerationConfig's knob → the request parameter it comes from (for error messages).
 API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
@@ -86,6 +89,9 @@ def generation_config(req: Sampling, *, max_new_tokens: int, eos: list[int], voc
             bias[int(key)] = value
         knobs["logit_bias"] = bias
     temperature = 1.0 if req.temperature is None else req.temperature
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise APIError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got "
+                            f"{temperature}", param="temperature")
     if temperature > 0:
         knobs.update(do_sample=True, temperature=temperature)
         for name in ("top_p", "top_k", "min_p", "seed"):

@@ -48,7 +48,9 @@ class Sampling(Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int | None = Field(default=None, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # int64, as OpenAI's; row i's generator takes seed + 1,000,003 · i (n <= 128), which
+    # torch.Generator.manual_seed accepts up to 2**64 - 1
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -58,7 +60,8 @@ class Sampling(Strict):
     # lmlab's extras (vLLM's names), sent as extra body fields
     top_k: int | None = Field(default=None, ge=1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    # bounded so that scores / penalty stays finite (NaN in one row fails the whole step)
+    repetition_penalty: float | None = Field(default=None, ge=1e-6, le=1e6)
     no_repeat_ngram_size: int | None = Field(default=None, ge=0)
     min_tokens: int | None = Field(default=None, ge=0)
 
