@@ -19,6 +19,7 @@ is the mean loss per completion token on the 50 validation examples, measured fo
 models by the same code (lmlab's evaluator on the saved weights).
 
     python benchmarks/sft_speed.py [--rounds 2] [--model DIR] [--write]
+    python benchmarks/sft_speed.py --memory [--model DIR] [--write]   # peak memory, full vs LoRA
 """
 
 from __future__ import annotations
@@ -99,18 +100,21 @@ def eval_loss(model_dir: Path, work: Path, adapter: Path | None = None) -> dict:
 
 
 # -- one contender, in its own process ------------------------------------------------------------
-def run_lmlab(work: Path, base: Path, lora: bool) -> dict:
+def run_lmlab(work: Path, base: Path, lora: bool, epochs: float = 1.0,
+              score: bool = True) -> dict:
     from lmlab.config import from_dict
     from lmlab.recipes.sft import SFTConfig, finetune_sft
 
     out = Path(tempfile.mkdtemp(dir=work))
     values = dict(model=str(base), train=str(work / "train.jsonl"),
-                  validation=str(work / "validation.jsonl"), epochs=1.0, samples=0,
+                  validation=str(work / "validation.jsonl"), epochs=epochs, samples=0,
                   lr=LR["lora" if lora else "full"], lr_schedule="linear", weight_decay=0.0,
                   log_every=50, keep_best=False, restore_best=False, **HP)
     if lora:
         values["lora"] = dict(LORA)
     result = finetune_sft(from_dict(SFTConfig, values), run_dir=out, progress=False)
+    if not score:  # memory only: loading the result again would add to the peak
+        return {"train_seconds": result.train.train_seconds, "steps": result.train.steps}
     scored = eval_loss(base, work, adapter=out) if lora else eval_loss(out, work)
     return {**scored, "train_seconds": result.train.train_seconds, "steps": result.train.steps}
 
@@ -172,7 +176,17 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one contender
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: peak memory of full and LoRA SFT at GPT-2-small size")
     args = parser.parse_args()
+    if args.one == "memory":  # internal: a few steps of a large model, for peak memory only
+        work = Path(args.work)
+        result = run_lmlab(work, work / "large", args.lora, epochs=MEMORY_STEPS / 113,
+                           score=False)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
     if args.one:
         work = Path(args.work)
         print(json.dumps(one(args.one, work, Path((work / "base_path").read_text()))))
@@ -180,6 +194,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sft_speed_"))
     base = prepare(work, args.model)
     (work / "base_path").write_text(str(base))
+    if args.memory:
+        table = memory_table(work)
+        print(table)
+        if args.write:
+            update_section("sft_memory", table)
+        return
     results: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
     for round_ in range(args.rounds):
         order = CONTENDERS if round_ % 2 == 0 else CONTENDERS[::-1]
@@ -195,6 +215,42 @@ def main() -> None:
     print(table)
     if args.write:
         update_section("sft_speed", table)
+
+
+MEMORY_STEPS = 10
+
+
+def memory_table(work: Path) -> str:
+    """Peak RSS of lmlab's full and LoRA SFT on a GPT-2-small-shaped model (12 layers, width
+    768, the base's vocabulary; random weights), MEMORY_STEPS steps each in its own process:
+    where the gradients and AdamW moments LoRA does not keep are large enough to see."""
+    import torch
+
+    from lmlab.models.gpt import GPT, GPTConfig
+    from lmlab.tokenizer import Tokenizer
+
+    base = Path((work / "base_path").read_text())
+    tok = Tokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=256, n_embd=768, n_layer=12,
+                          n_head=12, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(work / "large", tokenizer=tok)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    rows = {}
+    for lora in (False, True):
+        out = subprocess.run([sys.executable, __file__, "--one", "memory", "--work", str(work),
+                              *(["--lora"] if lora else [])], capture_output=True, text=True,
+                             check=True)
+        rows[lora] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"memory {'lora' if lora else 'full'}: {rows[lora]['peak_rss_mb']:.0f} MB peak RSS",
+              flush=True)
+    return "\n".join([
+        f"Peak memory at GPT-2-small size (12 layers, width 768, {params / 1e6:.0f}M parameters, "
+        f"random weights), {MEMORY_STEPS} steps of the same SFT, each in its own process:", "",
+        "| lmlab full SFT | lmlab LoRA SFT | LoRA / full |", "|---:|---:|---:|",
+        f"| {rows[False]['peak_rss_mb']:,.0f} MB | {rows[True]['peak_rss_mb']:,.0f} MB | "
+        f"{rows[True]['peak_rss_mb'] / rows[False]['peak_rss_mb']:.2f}× |"])
 
 
 def report(results: dict[str, list[dict]]) -> str:

@@ -87,6 +87,17 @@ def _dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()  # as PEFT: no dropout module at p=0
 
 
+def _add_low_rank(out: torch.Tensor, low: torch.Tensor, b: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """out + scaling · low @ bᵀ in one addmm: (…, out) + (…, r) @ (r → out). Written as
+    `out + lora_B(low) * scaling` it makes two more tensors of the output's size per adapted
+    layer; at training sizes those temporaries raised a LoRA run's peak memory above full
+    fine-tuning's (benchmarks/sft_speed.py --memory)."""
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), b.t(),
+                       alpha=scaling)
+    return flat.view(out.shape)
+
+
 class LoRALayer(nn.Module):
     """What both LoRA layers share: the frozen base weight and bias under nn.Linear's names
     (state-dict keys of the base model do not change), the scaling, and merging. Subclasses
@@ -158,7 +169,8 @@ class LoRALinear(LoRALayer):
                                                  base.weight)
 
     def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return _add_low_rank(out, self.lora_A(self.lora_dropout(x)), self.lora_B.weight,
+                             self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return self.lora_B.weight @ self.lora_A.weight * self.scaling
@@ -188,8 +200,9 @@ class LoRAFusedLinear(LoRALayer):
     def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         pieces = list(out.split(self.part_size, dim=-1))  # (…, part_size) per part
         for part, index in self.parts().items():
-            update = self.lora_B[part](self.lora_A[part](self.lora_dropout[part](x)))
-            pieces[index] = pieces[index] + update * self.scaling
+            low = self.lora_A[part](self.lora_dropout[part](x))
+            pieces[index] = _add_low_rank(pieces[index], low, self.lora_B[part].weight,
+                                          self.scaling)
         return torch.cat(pieces, dim=-1)
 
     def delta_weight(self) -> torch.Tensor:
