@@ -89,10 +89,9 @@ def _dropout(p: float) -> nn.Module:
 
 def _add_low_rank(out: torch.Tensor, low: torch.Tensor, b: torch.Tensor,
                   scaling: float) -> torch.Tensor:
-    """out + scaling · low @ bᵀ in one addmm: (…, out) + (…, r) @ (r → out). Written as
-    `out + lora_B(low) * scaling` it makes two more tensors of the output's size per adapted
-    layer; at training sizes those temporaries raised a LoRA run's peak memory above full
-    fine-tuning's (benchmarks/sft_speed.py --memory)."""
+    """out + scaling · low @ bᵀ in one addmm: (…, out) + (…, r) @ (r → out), without the two
+    output-sized temporaries of `out + lora_B(low) * scaling` (for a fused layer's parts, which
+    are strided views of its output and cannot be added to in place)."""
     flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), b.t(),
                        alpha=scaling)
     return flat.view(out.shape)
@@ -169,8 +168,13 @@ class LoRALinear(LoRALayer):
                                                  base.weight)
 
     def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return _add_low_rank(out, self.lora_A(self.lora_dropout(x)), self.lora_B.weight,
-                             self.scaling)
+        # In place, into F.linear's fresh output (its backward does not need it): written as
+        # `out + lora_B(low) * scaling`, two more output-sized tensors per adapted layer raised
+        # a LoRA run's peak memory above full fine-tuning's (benchmarks/sft_speed.py --memory).
+        low = self.lora_A(self.lora_dropout(x))
+        out.view(-1, out.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), self.lora_B.weight.t(),
+                                           alpha=self.scaling)
+        return out
 
     def delta_weight(self) -> torch.Tensor:
         return self.lora_B.weight @ self.lora_A.weight * self.scaling
