@@ -188,20 +188,23 @@ def create_app(config: ServerConfig, *, model=None, tokenizer=None,
         page = resources.files("lmlab.serving").joinpath("static/chat.html")
         return HTMLResponse(page.read_text(encoding="utf-8"))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def checked(request: Request, schema, endpoint: str):
+        """The request's body as `schema`, once the model is ready and the body is valid JSON
+        of that shape naming the served model (each check an OpenAI-style error)."""
         server.check_ready()
         body = await read_json(request, config.max_body_bytes)
-        req = parse(CompletionRequest, body, endpoint="completions")
+        req = parse(schema, body, endpoint=endpoint)
         server.check_model(req.model)
+        return req
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await checked(request, CompletionRequest, "completions")
         return await complete(server, request, req)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        server.check_ready()
-        body = await read_json(request, config.max_body_bytes)
-        req = parse(ChatRequest, body, endpoint="chat")
-        server.check_model(req.model)
+        req = await checked(request, ChatRequest, "chat")
         return await chat(server, request, req)
 
     return app
