@@ -136,21 +136,22 @@ def load_causal_lm(model_dir: Path) -> GPT:
     return model
 
 
-def prepare(cfg: SFTConfig, model_dir: Path, tokenizer: Tokenizer, paths: list[str | None]):
+def encode_file(cfg: SFTConfig, tokenizer: Tokenizer, path, *,
+                first: int | None = None) -> list[sft.EncodedExample]:
+    """The examples of `path` (one file or several; the first `first` of them) encoded as the
+    config says, with the tokenizer's chat template (lmlab's default when it has none)."""
+    examples = sft.read_examples(path, cfg.data_format)[:first]
+    return sft.encode_examples(tokenizer, examples, max_length=cfg.max_length,
+                               train_on_prompt=cfg.train_on_prompt,
+                               template=template_source(tokenizer),
+                               drop_long_prompts=cfg.drop_long_prompts)
+
+
+def prepare(cfg: SFTConfig, tokenizer: Tokenizer, paths: list):
     """The encoded examples of each file in `paths` (None stays None), with the template set on
     the tokenizer — everything that can fail on the input, done before any file is written."""
     tokenizer.chat_template = chat_template_of(cfg, tokenizer)
-    encoded = []
-    for path in paths:
-        if path is None:
-            encoded.append(None)
-            continue
-        examples = sft.read_examples(path, cfg.data_format)
-        encoded.append(sft.encode_examples(tokenizer, examples, max_length=cfg.max_length,
-                                           train_on_prompt=cfg.train_on_prompt,
-                                           template=tokenizer.chat_template,
-                                           drop_long_prompts=cfg.drop_long_prompts))
-    return encoded
+    return [None if path is None else encode_file(cfg, tokenizer, path) for path in paths]
 
 
 def show_examples(cfg: SFTConfig, count: int) -> str:
@@ -160,12 +161,7 @@ def show_examples(cfg: SFTConfig, count: int) -> str:
     model_dir = resolve_model(cfg.model)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = chat_template_of(cfg, tokenizer)
-    examples = sft.read_examples(cfg.train, cfg.data_format)[:count]
-    encoded = sft.encode_examples(tokenizer, examples, max_length=cfg.max_length,
-                                  train_on_prompt=cfg.train_on_prompt,
-                                  template=tokenizer.chat_template,
-                                  drop_long_prompts=cfg.drop_long_prompts)
-    return sft.show_masks(tokenizer, encoded)
+    return sft.show_masks(tokenizer, encode_file(cfg, tokenizer, cfg.train, first=count))
 
 
 def finetune_sft(cfg: SFTConfig, *, run_dir: str | Path, resume: bool = False,
@@ -180,7 +176,7 @@ def finetune_sft(cfg: SFTConfig, *, run_dir: str | Path, resume: bool = False,
     model_dir = resolve_model(cfg.model)
     check_causal_lm(model_dir)
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    train_data, val_data, test_data = prepare(cfg, model_dir, tokenizer,
+    train_data, val_data, test_data = prepare(cfg, tokenizer,
                                               [cfg.train, cfg.validation, cfg.test])
     run_steps.seed_everything(cfg.optim.seed)  # LoRA's initial adapters come from the seed
     model = adapt(cfg, load_causal_lm(model_dir))
@@ -267,17 +263,10 @@ def sample_replies(model, tokenizer: Tokenizer, examples: list[sft.SFTExample], 
 
 
 # -- a fine-tuned run: evaluate and predict ------------------------------------------------------
-def _encoded(run: FinetunedRun, data: Path) -> list[sft.EncodedExample]:
-    examples = sft.read_examples(data, run.cfg.data_format)
-    return sft.encode_examples(run.tokenizer, examples, max_length=run.cfg.max_length,
-                               train_on_prompt=run.cfg.train_on_prompt,
-                               template=template_source(run.tokenizer),
-                               drop_long_prompts=run.cfg.drop_long_prompts)
-
-
 def evaluate_run(run: FinetunedRun, data: Path) -> dict[str, float]:
     """Loss and perplexity per trained token (the completion / assistant tokens) of `data`."""
-    return sft.evaluate_loss(run.model, _encoded(run, data), batch_size=run.cfg.eval_size,
+    return sft.evaluate_loss(run.model, encode_file(run.cfg, run.tokenizer, data),
+                             batch_size=run.cfg.eval_size,
                              pad_id=pad_id(run.tokenizer), device=run.device, prefix="")
 
 
