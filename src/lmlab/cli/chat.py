@@ -24,13 +24,20 @@ from typing import Iterator, TextIO
 
 import torch
 
-from lmlab.cli.generate import _config_error, add_knob_arguments, knobs_from, load_decoder
+from lmlab.cli.generate import (
+    _config_error,
+    add_device_argument,
+    add_knob_arguments,
+    knobs_from,
+    load_decoder,
+)
 from lmlab.errors import ConfigError
 from lmlab.generation import GenerationConfig, generate_tokens
 from lmlab.generation.generate import beam_search
 from lmlab.generation.stopping import StopText
 from lmlab.tokenizer import Tokenizer
 from lmlab.tokenizer.chat import check_messages, encode_prompt, template_source, turn_markers
+from lmlab.training.runtime import pick_device
 
 PROMPT = "you> "
 REPLY = "assistant> "
@@ -51,6 +58,7 @@ def add_arguments(parser) -> None:
                         help="a LoRA adapter in PEFT's format (adapter_config.json + "
                              "adapter_model.safetensors) for --model")
     parser.add_argument("--system", metavar="TEXT", help="the system prompt")
+    add_device_argument(parser)
     add_knob_arguments(parser, helps={
         "max_new_tokens": f"tokens per reply at most (default {DEFAULT_REPLY_TOKENS}, or half "
                           "the model's context window if that is less)",
@@ -61,10 +69,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    model = load_decoder(args.model)
+    model = load_decoder(args.model, device=pick_device(args.device, flag="--device"))
     if args.adapter:
         model = with_adapter(model, args.adapter)
     tokenizer = Tokenizer.from_pretrained(args.model)
+    tokenizer.check_fits(model.config.vocab_size, where=args.model)
     template = template_source(tokenizer)
     markers = turn_markers(tokenizer, template)
     config = reply_config(args, model, tokenizer, markers)

@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 
 from lmlab.cli.chat import with_adapter
-from lmlab.cli.generate import load_decoder
+from lmlab.cli.generate import add_device_argument, load_decoder
 from lmlab.errors import ConfigError
 from lmlab.tokenizer import Tokenizer
+from lmlab.training.runtime import pick_device
 
 log = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -26,6 +27,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model directory (config.json + weights)")
     parser.add_argument("--adapter", metavar="DIR",
                         help="a LoRA adapter in PEFT's format, merged into --model")
+    add_device_argument(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -55,6 +57,7 @@ def run(args) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_queue < 0 or (args.max_tokens_cap is not None and args.max_tokens_cap < 1):
         raise ConfigError("--max-queue must be >= 0 and --max-tokens-cap >= 1")
+    device = pick_device(args.device, flag="--device")  # refused before the server starts
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model {model_dir}: no config.json there")
@@ -73,10 +76,11 @@ def run(args) -> int:
 
     def load():
         try:
-            model = load_decoder(args.model)
+            model = load_decoder(args.model, device=device)
             if args.adapter:
                 model = with_adapter(model, args.adapter)
             tokenizer = Tokenizer.from_pretrained(args.model)
+            tokenizer.check_fits(model.config.vocab_size, where=args.model)
         except Exception as error:
             failed.append(str(error))
             server.should_exit = True

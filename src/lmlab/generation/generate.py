@@ -16,7 +16,7 @@ import torch
 
 from lmlab.generation.config import GenerationConfig
 from lmlab.generation.engine import Engine, Event, Row
-from lmlab.generation.protocol import check_decoder, default_token_id, model_device
+from lmlab.generation.protocol import check_decoder, default_token_id, follow_model
 from lmlab.generation.speculative import speculative_generate
 
 log = logging.getLogger(__name__)
@@ -24,19 +24,12 @@ log = logging.getLogger(__name__)
 
 def _prepare(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """Inputs on the model's device (a prompt built on the CPU for a model on a GPU, the usual
-    pattern, follows the model as in transformers, with a note in the log)."""
+    pattern, follows the model as in transformers, with a warning once)."""
     check_decoder(model)
     input_ids = torch.as_tensor(input_ids)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    device = model_device(model)
-    if input_ids.device != device:
-        log.info("input_ids are on %s, the model on %s: moving them to the model",
-                 input_ids.device, device)
-        input_ids = input_ids.to(device)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(device)
-    return input_ids, attention_mask
+    return follow_model(model, input_ids, attention_mask)
 
 
 def _decode(model, input_ids, config: GenerationConfig, *, attention_mask, tokenizer,

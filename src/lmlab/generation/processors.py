@@ -157,7 +157,8 @@ class LogitBias:
                 raise ValueError(f"logit_bias uses token ids {too_big}, outside the model's "
                                  f"vocabulary of {vocab} tokens")
             dense = torch.zeros(vocab, dtype=torch.float, device=scores.device)
-            dense[list(self.logit_bias)] = torch.tensor(list(self.logit_bias.values()))
+            dense[list(self.logit_bias)] = torch.tensor(list(self.logit_bias.values()),
+                                                        device=scores.device)
             self._dense = dense
         return scores + self._dense.to(scores.dtype)
 

@@ -25,9 +25,13 @@ for the sources given to `Engine.add(..., source_ids=...)`.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol, runtime_checkable
 
 import torch
+
+log = logging.getLogger(__name__)
+_warned_moves: set[tuple[str, str]] = set()
 
 
 @runtime_checkable
@@ -89,3 +93,21 @@ def model_device(model) -> torch.device:
     parameters = getattr(model, "parameters", None)
     first = next(iter(parameters()), None) if parameters is not None else None
     return first.device if first is not None else torch.device("cpu")
+
+
+def follow_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`input_ids` and `attention_mask` on the model's device. A prompt built on the CPU for a
+    model on a GPU — `torch.tensor(...)` then `model.to("cuda")`, the usual pattern — follows
+    the model, as in transformers, with a warning once per pair of devices."""
+    device = model_device(model)
+    if input_ids.device != device:
+        key = (str(input_ids.device), str(device))
+        if key not in _warned_moves:
+            _warned_moves.add(key)
+            log.warning("input_ids are on %s, the model on %s: moving them to the model's "
+                        "device (create them there to skip the copy)", *key)
+        input_ids = input_ids.to(device)
+    if attention_mask is not None and attention_mask.device != device:
+        attention_mask = attention_mask.to(device)
+    return input_ids, attention_mask

@@ -27,7 +27,7 @@ import torch
 
 from lmlab.generation.config import GenerationConfig
 from lmlab.generation.engine import ModelRunner
-from lmlab.generation.protocol import check_decoder, model_device
+from lmlab.generation.protocol import check_decoder, follow_model, model_device
 from lmlab.generation.processors import apply_processors
 from lmlab.generation.sampling import TokenSampler
 
@@ -53,9 +53,7 @@ def speculative_generate(
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     _validate(target, draft, input_ids, config, attention_mask, num_draft_tokens)
-    device = model_device(target)
-    input_ids = input_ids.to(device)
-    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    input_ids, attention_mask = follow_model(target, input_ids, attention_mask)
     if config.num_return_sequences > 1:  # sampled: each prompt repeated, as generate() does
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         if attention_mask is not None:

@@ -55,20 +55,20 @@ class PretrainConfig:
     # for raw text: "bpe", "wordpiece", "char" or a tokenizer directory; "auto": the recipe's
     tokenizer: str = "auto"
     vocab_size: int = 8192  # BPE / WordPiece vocabulary size when a tokenizer is trained on the fly
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # raw text without val_data: the share held out for validation
     # raw text: a regex between documents, e.g. '\n\s*\n' (NSP needs documents)
     doc_separator: str | None = None
     # -- model
     init_from: str | None = None  # start from a pretrained model directory (continued pretraining)
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    block_size: int = 256
-    dropout: float = 0.0
-    activation: Literal["gelu_new", "gelu", "relu"] = "gelu_new"
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block
+    n_embd: int = 384  # width: embedding and hidden size
+    block_size: int = 256  # context length in tokens
+    dropout: float = 0.0  # dropout probability in embeddings, attention and residuals
+    activation: Literal["gelu_new", "gelu", "relu"] = "gelu_new"  # the MLP's nonlinearity
     # -- the horizon: steps, and evaluations and checkpoints along them
-    max_steps: int = 2000
-    warmup_steps: int = 100
+    max_steps: int = 2000  # optimizer steps of the run
+    warmup_steps: int = 100  # steps of linear learning-rate warmup
     eval_every: int = 250  # 0 = evaluate only before training and at the end
     eval_tokens: int | None = None  # validation tokens per evaluation; None = the whole split
     save_every: int = 1000  # 0 = checkpoint only at the end
@@ -232,7 +232,9 @@ def run_pretraining(cfg: PretrainConfig, *, recipe: str, build_model: ModelBuild
         tokenizer = check_compatible(cfg, model, dataset, tokenizer)
         if cfg.activation_checkpointing:
             checkpoint_blocks(model)
-        model = model.to(device)
+        # On the device — or, under FSDP, kept on the CPU until the loop shards it block by
+        # block: the whole model never reaches one GPU.
+        model = dist.place(model, device)
         run_steps.seed_everything(cfg.optim.seed + dist.rank)
         task = build_task(cfg, dataset, model, device=device, rank=dist.rank,
                           world_size=dist.world_size)

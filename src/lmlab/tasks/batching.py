@@ -76,3 +76,11 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.nd
     scattered back to the original order by the caller)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     return [order[i:i + batch_size] for i in range(0, order.size, batch_size)]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch tensor on `device`: for CUDA through pinned memory, so the copy runs
+    asynchronously (a plain `non_blocking=True` copy from pageable memory waits for the GPU)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

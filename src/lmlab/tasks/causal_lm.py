@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from lmlab.data.dataset import iter_eval_batches, sample_batch
+from lmlab.tasks.batching import to_device
 from lmlab.tasks.losses import summed_cross_entropy
 
 # (input_ids, labels) -> the summed loss, or None where it does not apply (the CPU speed
@@ -57,7 +58,7 @@ class CausalLMTask:
             rank=self.rank,
             world_size=self.world_size,
         )
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = to_device(x, self.device), to_device(y, self.device)
         return [
             {"input_ids": xi, "labels": yi}
             for xi, yi in zip(x.split(self.batch_size), y.split(self.batch_size))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.evaluation.classification import classification_metrics
-from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows
+from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows, to_device
 from lmlab.tokenizer import Tokenizer
 
 FORMATS = ("auto", "jsonl", "csv", "tsv")
@@ -182,7 +182,7 @@ def collate(data: Encoded, rows: np.ndarray, *, pad_id: int, token_types: bool,
         batch["token_type_ids"] = pad_rows([data.type_ids[i] for i in rows], 0)
     if data.labels is not None:
         batch["labels"] = torch.from_numpy(data.labels[rows])
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: to_device(v, device) for k, v in batch.items()}
 
 
 def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lmlab.data.masking import IGNORE_INDEX, MaskingSpec, mask_sequence
 from lmlab.data.segments import Documents, mlm_window, nsp_pair, pack
 from lmlab.errors import ConfigError, DataError
+from lmlab.tasks.batching import to_device
 from lmlab.tasks.losses import summed_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,8 @@ class MaskedLMTask:
 
     def _collate(self, rows: list[dict], nsp_weight: float) -> dict:
         used = max(int(r["attention_mask"].sum()) for r in rows)  # drop all-padding columns
-        batch = {key: torch.from_numpy(np.stack([r[key][:used] for r in rows])).to(
-                     self.device, non_blocking=True)
+        batch = {key: to_device(torch.from_numpy(np.stack([r[key][:used] for r in rows])),
+                                self.device)
                  for key in ("input_ids", "token_type_ids", "attention_mask", "labels")}
         labels = np.array([r["next_sentence_label"] for r in rows])
         if (labels >= 0).all():

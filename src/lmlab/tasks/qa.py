@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import DataError
 from lmlab.evaluation.squad import squad_scores
-from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows
+from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows, to_device
 from lmlab.tokenizer import Tokenizer
 
 
@@ -159,7 +159,7 @@ def collate(windows: Windows, rows: np.ndarray, *, pad_id: int,
         "start_positions": torch.from_numpy(windows.starts[rows]),
         "end_positions": torch.from_numpy(windows.ends[rows]),
     }
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: to_device(v, device) for k, v in batch.items()}
 
 
 def span_logits_of(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

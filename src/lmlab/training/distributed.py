@@ -28,6 +28,10 @@ from lmlab.training.runtime import blocks, pick_device
 
 log = logging.getLogger(__name__)
 Parallel = Literal["ddp", "fsdp"]
+# LMLAB_FORCE_DISTRIBUTED=1: join the process group and wrap the model (DDP / FSDP2) even with
+# one process, where torchrun alone runs plain single-process training. For testing the
+# distributed path on one GPU (scripts/gpu_smoke.py); launch with `torchrun --nproc_per_node=1`.
+FORCE_ENV = "LMLAB_FORCE_DISTRIBUTED"
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     parallel: Parallel = "ddp"
+    forced: bool = False  # the distributed path with one process (FORCE_ENV)
 
     @property
     def is_main(self) -> bool:
@@ -43,19 +48,42 @@ class Distributed:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.forced
 
     # -- the model -----------------------------------------------------------------------------
-    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    def place(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """The model where training needs it before `wrap`: on `device` — except under FSDP,
+        where it stays where it was built (the CPU) and `wrap` shards it first, so that only
+        this rank's shards (and one block at a time) ever reach the device."""
+        if self.active and self.parallel == "fsdp":
+            return model
+        return model.to(device)
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, *,
+             param_dtype: torch.dtype | None = None) -> torch.nn.Module:
         """The module to run training forwards through. With FSDP `model` itself is sharded in
-        place (and returned); with DDP a wrapper is returned and `model` stays the plain module."""
+        place (and returned); with DDP a wrapper is returned and `model` stays the plain module.
+
+        FSDP shards over an explicit 1-D mesh of `device`'s type (gloo/CPU for `--device cpu`
+        even on a GPU machine), block by block, each block moved to the device as it is
+        sharded. `param_dtype` bf16 gathers parameters in bf16 and reduces gradients in fp32
+        (the sharded master weights stay fp32)."""
         if not self.active:
             return model
         if self.parallel == "fsdp":
             fully_shard = _fully_shard()
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(device.type, (self.world_size,))
+            options: dict[str, Any] = {"mesh": mesh}
+            if param_dtype is not None and param_dtype != torch.float32:
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                                            reduce_dtype=torch.float32)
             for block in blocks(model):
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, **options)
+            fully_shard(model, **options)
             # Allocate the gathered-parameter buffers now, outside inference mode: made first
             # inside a Task's @torch.inference_mode() evaluation, they could not be reused by
             # training ("Inplace update to inference tensor outside InferenceMode").
@@ -204,19 +232,30 @@ def from_environment(parallel: str, device_name: str) -> tuple[Distributed, torc
         raise ConfigError(f"parallel: expected ddp or fsdp, got {parallel!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto" and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    else:
-        device = pick_device(device_name)
+    device = pick_device(device_name)  # cuda:LOCAL_RANK under torchrun
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if parallel == "fsdp" and world_size > 1:
+    forced = _forced()
+    if forced and "MASTER_ADDR" not in os.environ:
+        raise ConfigError(f"{FORCE_ENV}=1 needs a process group to join: launch with "
+                          "`torchrun --nproc_per_node=1 -m lmlab …`")
+    if parallel == "fsdp" and (world_size > 1 or forced):
         _fully_shard()  # fail before joining the group
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or forced) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        if rank == 0:
+            log.info("torch.distributed: %s backend, %d process(es)%s, %s on %s", backend,
+                     world_size, " (forced)" if forced else "", parallel.upper(), device)
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank,
-                       parallel=parallel), device  # type: ignore[arg-type]
+                       parallel=parallel, forced=forced), device  # type: ignore[arg-type]
+
+
+def _forced() -> bool:
+    value = os.environ.get(FORCE_ENV, "").strip().lower()
+    if value not in ("", "0", "1", "false", "true"):
+        raise ConfigError(f"{FORCE_ENV}: expected 0 or 1, got {os.environ[FORCE_ENV]!r}")
+    return value in ("1", "true")
 
 
 # -- random number generators: everything a resumed run needs to draw the same numbers ----------
@@ -243,4 +282,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, visible = list(state["cuda"]), torch.cuda.device_count()
+        if len(saved) != visible:  # saved with another CUDA_VISIBLE_DEVICES
+            log.warning("the checkpoint holds the CUDA RNG state of %d device(s), %d are visible: "
+                        "restoring the first %d", len(saved), visible, min(len(saved), visible))
+        torch.cuda.set_rng_state_all(saved[:visible])

@@ -52,6 +52,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start CUDA's peak-memory count afresh (after the FLOPs probe); a no-op elsewhere (the
+    CPU's peak resident set cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA's peak allocated memory on `device`, else this process's peak resident set size."""
     if device.type == "cuda":
