@@ -14,6 +14,7 @@ from lmlab.data.dataset import TokenDataset
 from lmlab.errors import ConfigError
 from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.models.hf import from_pretrained
+from lmlab.recipes import run_steps
 from lmlab.recipes.pretraining import (PretrainConfig, PretrainResult, check_context,
                                        run_pretraining, validation_split)
 from lmlab.recipes.registry import Recipe, register_recipe
@@ -25,7 +26,7 @@ from lmlab.tokenizer import Tokenizer
 class CausalLMConfig(PretrainConfig):
     objective: Literal["causal"] = "causal"
     bias: bool = True  # False drops the biases of linear layers and LayerNorms (nanoGPT)
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = True  # the output layer shares the token embedding's weights
 
     def __post_init__(self):
         if self.tokenizer == "auto":
@@ -67,6 +68,7 @@ def build_task(cfg: CausalLMConfig, dataset: TokenDataset, model: torch.nn.Modul
     )
 
 
+@run_steps.undo_on_failure
 def pretrain_causal_lm(cfg: CausalLMConfig, *, run_dir: str | Path, resume: bool = False,
                        progress: bool = True) -> PretrainResult:
     return run_pretraining(cfg, recipe="causal", build_model=build_model, build_task=build_task,

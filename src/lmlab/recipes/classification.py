@@ -21,7 +21,7 @@ from lmlab.models.bert import BertForSequenceClassification
 from lmlab.models.gpt import GPTForSequenceClassification
 from lmlab.models.hf import record_for
 from lmlab.recipes import run_steps
-from lmlab.recipes.finetuning import (adapt, FinetuneConfig, FinetuneResult, FinetunedRun, check_length,
+from lmlab.recipes.finetuning import (adapt, FinetuneConfig, FinetuneResult, FinetunedRun, check_model,
                                       family_class, finish, pad_id, start, train_epochs)
 from lmlab.recipes.registry import Recipe, register_recipe
 from lmlab.tasks import classification as clf
@@ -36,7 +36,7 @@ CLASSIFIERS = {
 
 @dataclass
 class FinetuneClassificationConfig(FinetuneConfig):
-    text_field: str = "text"
+    text_field: str = "text"  # the field (CSV/TSV: column) holding the text
     text_pair_field: str | None = None  # a second text (sentence pairs; or title + body)
     label_field: str = "label"  # label names or integer ids
     format: Literal["auto", "jsonl", "csv", "tsv"] = "auto"  # auto: from the file suffix
@@ -86,11 +86,12 @@ def exclude_id(cfg: FinetuneClassificationConfig, labels: list[str]) -> int | No
     return labels.index(cfg.exclude_label)
 
 
+@run_steps.undo_on_failure
 def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str | Path,
                             resume: bool = False, progress: bool = True) -> FinetuneResult:
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    device, model_dir = start(cfg, run_dir, recipe="classification", resume=resume)
+    device, model_dir = start(cfg, run_dir, resume=resume)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     train_examples = read_examples(cfg, cfg.train)
     labels = clf.infer_labels(train_examples)
@@ -101,13 +102,13 @@ def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str |
     val = read_encoded(cfg, cfg.validation, labels, tokenizer)
     test = read_encoded(cfg, cfg.test, labels, tokenizer) if cfg.test else None
     model = adapt(cfg, build_classifier(model_dir, labels, tokenizer)).to(device)
-    check_length(cfg, model)
+    check_model(cfg, model, tokenizer, model_dir)
     task = clf.ClassificationTask(
         train=train_data, val=val[1], plan=cfg.plan(train_data.lengths), num_labels=len(labels),
         device=device, pad_id=pad_id(tokenizer), token_types=uses_token_types(model),
         eval_batch_size=cfg.eval_size, exclude_label=exclude_id(cfg, labels))
-    result = train_epochs(cfg, model, task, run_dir=run_dir, device=device, resume=resume,
-                          progress=progress)
+    result = train_epochs(cfg, model, task, recipe="classification", run_dir=run_dir,
+                          device=device, resume=resume, progress=progress)
     run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length,
                          base=model_dir)
     split, (examples, data) = ("test", test) if test else ("validation", val)

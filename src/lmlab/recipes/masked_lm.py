@@ -13,6 +13,7 @@ import torch
 from lmlab.data.dataset import TokenDataset
 from lmlab.errors import ConfigError
 from lmlab.models.bert import BertConfig, BertForMaskedLM, BertForPreTraining
+from lmlab.recipes import run_steps
 from lmlab.recipes.pretraining import (PretrainConfig, PretrainResult, check_context,
                                        run_pretraining, validation_split)
 from lmlab.recipes.registry import Recipe, register_recipe
@@ -81,6 +82,7 @@ def build_task(cfg: MaskedLMConfig, dataset: TokenDataset, model: torch.nn.Modul
     )
 
 
+@run_steps.undo_on_failure
 def pretrain_masked_lm(cfg: MaskedLMConfig, *, run_dir: str | Path, resume: bool = False,
                        progress: bool = True) -> PretrainResult:
     return run_pretraining(cfg, recipe=cfg.objective, build_model=build_model,

@@ -19,7 +19,7 @@ from lmlab.evaluation.squad import best_over_gold, squad_scores
 from lmlab.fileio import atomic_write_bytes
 from lmlab.models.bert import BertForQuestionAnswering
 from lmlab.recipes import run_steps
-from lmlab.recipes.finetuning import (adapt, FinetuneConfig, FinetuneResult, FinetunedRun, check_length,
+from lmlab.recipes.finetuning import (adapt, FinetuneConfig, FinetuneResult, FinetunedRun, check_model,
                                       family_class, finetuning_optim, finish, pad_id, start,
                                       train_epochs)
 from lmlab.recipes.registry import Recipe, register_recipe
@@ -39,12 +39,12 @@ def qa_optim() -> OptimConfig:
 class FinetuneQAConfig(FinetuneConfig):
     max_length: int = 384
     stride: int = 128  # tokens shared by consecutive windows of a long context
-    max_answer_length: int = 30  # tokens
+    max_answer_length: int = 30  # the longest answer span, in tokens
     n_best: int = 20  # start and end candidates per window
     # SQuAD files hold articles; these pick some by title (e.g. one half of a set for training)
     train_titles: list[str] | None = None
-    validation_titles: list[str] | None = None
-    test_titles: list[str] | None = None
+    validation_titles: list[str] | None = None  # the same, for the validation file
+    test_titles: list[str] | None = None  # the same, for the test file
     optim: OptimConfig = field(default_factory=qa_optim)
 
     def __post_init__(self):
@@ -71,11 +71,12 @@ def _task(cfg: FinetuneQAConfig, tokenizer: Tokenizer, device, *, train=None, va
                      max_answer_length=cfg.max_answer_length)
 
 
+@run_steps.undo_on_failure
 def finetune_qa(cfg: FinetuneQAConfig, *, run_dir: str | Path, resume: bool = False,
                 progress: bool = True) -> FinetuneResult:
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    device, model_dir = start(cfg, run_dir, recipe="qa", resume=resume)
+    device, model_dir = start(cfg, run_dir, resume=resume)
     cls = family_class(model_dir, SPAN_MODELS)
     if cls is None:
         raise ConfigError(f"model: {model_dir} is not a BERT encoder; extractive QA needs one")
@@ -84,11 +85,11 @@ def finetune_qa(cfg: FinetuneQAConfig, *, run_dir: str | Path, resume: bool = Fa
     val = read_windows(cfg, cfg.validation, cfg.validation_titles, tokenizer)
     test = read_windows(cfg, cfg.test, cfg.test_titles, tokenizer) if cfg.test else None
     model = adapt(cfg, SPAN_MODELS[cls](model_dir)).to(device)
-    check_length(cfg, model)
+    check_model(cfg, model, tokenizer, model_dir)
     task = _task(cfg, tokenizer, device, train=train_windows, val=val,
                  plan=cfg.plan(train_windows.lengths))
-    result = train_epochs(cfg, model, task, run_dir=run_dir, device=device, resume=resume,
-                          progress=progress)
+    result = train_epochs(cfg, model, task, recipe="qa", run_dir=run_dir,
+                          device=device, resume=resume, progress=progress)
     run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length,
                          base=model_dir)
     split, (examples, windows) = ("test", test) if test else ("validation", val)

@@ -4,8 +4,12 @@ write results.json and the plots."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +22,64 @@ from lmlab.fileio import atomic_write_bytes
 from lmlab.models.hf.peft import save_adapter
 from lmlab.models.lora import lora_modules
 from lmlab.tokenizer import Tokenizer
+from lmlab.training import checkpoint as ckpt_io
 from lmlab.training.loop import TrainResult
 from lmlab.training.plots import plot_run
 
 CONFIG_FILE = "train_config.yaml"
 
 
-def check_run_dir(run_dir: Path, *, resume: bool) -> None:
-    """RUN_DIR may be new, or hold a run that --resume continues; it is created here."""
+def check_run_dir(run_dir: Path, *, resume: bool | str) -> None:
+    """RUN_DIR may be new, or hold a run that --resume continues; nothing is created here (a run
+    writes RUN_DIR once its inputs are checked: write_config). Plain --resume (True) needs a checkpoint to continue from; --resume auto ("auto") does not."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir}: exists and is not a directory")
+    if resume is True and not ckpt_io.list_checkpoints(run_dir):
+        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to continue from; drop "
+                          "--resume to start a new run, or pass --resume auto")
     checkpoints = run_dir / "checkpoints"
     if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise ConfigError(f"--out {run_dir}: already holds a run; pass --resume to continue it "
                           "or choose another directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def undo_on_failure(run: Callable[..., Any]) -> Callable[..., Any]:
+    """A recipe's run function that, failing before it has written a checkpoint, leaves RUN_DIR
+    as it found it: gone if it did not exist, else without the entries this run added (what was
+    there is never touched, so a run to --resume is never lost; its train_config.yaml, which a
+    resumed run rewrites, is put back). A run that failed after a checkpoint keeps everything:
+    --resume continues it."""
+
+    @functools.wraps(run)
+    def guarded(cfg: Any, *, run_dir: str | Path, resume: bool | str = False,
+                progress: bool = True) -> Any:
+        directory = Path(run_dir)
+        existed = directory.is_dir()
+        before = set(os.listdir(directory)) if existed else set()
+        checkpoints = _checkpoint_names(directory)
+        config = directory / CONFIG_FILE
+        saved = config.read_bytes() if config.is_file() else None
+        try:
+            return run(cfg, run_dir=run_dir, resume=resume, progress=progress)
+        except BaseException:
+            # Under torchrun rank 0 alone writes RUN_DIR, and alone undoes.
+            main = int(os.environ.get("RANK", "0")) == 0
+            if main and _checkpoint_names(directory) <= checkpoints:
+                added = set(os.listdir(directory)) - before if directory.is_dir() else set()
+                for path in [directory] if not existed else [directory / n for n in added]:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                if saved is not None and (not config.is_file() or config.read_bytes() != saved):
+                    atomic_write_bytes(config, saved)
+            raise
+
+    return guarded
+
+
+def _checkpoint_names(run_dir: Path) -> set[str]:
+    return {c.path.name for c in ckpt_io.list_checkpoints(run_dir)}
 
 
 def config_text(recipe: str, cfg: Any) -> str:
@@ -42,6 +89,8 @@ def config_text(recipe: str, cfg: Any) -> str:
 
 
 def write_config(run_dir: Path, recipe: str, cfg: Any) -> None:
+    """RUN_DIR (created here, once the run's inputs are checked) and its train_config.yaml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / CONFIG_FILE, config_text(recipe, cfg).encode())
 
 

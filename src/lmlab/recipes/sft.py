@@ -32,7 +32,7 @@ from lmlab.generation import generate
 from lmlab.models.gpt import GPT
 from lmlab.models.hf import from_pretrained, read_config
 from lmlab.recipes import run_steps
-from lmlab.recipes.finetuning import (FinetuneConfig, adapt, FinetuneResult, FinetunedRun, check_length,
+from lmlab.recipes.finetuning import (FinetuneConfig, adapt, FinetuneResult, FinetunedRun, check_model,
                                       family_class, finetuning_optim, finish, pad_id, resolve_model, start,
                                       train_epochs)
 from lmlab.recipes.registry import Recipe, register_recipe
@@ -61,7 +61,7 @@ class SFTConfig(FinetuneConfig):
     model: str = ""  # a causal LM directory: an lmlab GPT run or a transformers GPT-2 checkpoint
     # JSONL files; each may also be a list of files (several datasets in one run)
     train: str | list[str] | None = None
-    validation: str | list[str] | None = None
+    validation: str | list[str] | None = None  # JSONL, like train
     test: str | list[str] | None = None
     max_length: int = 512  # tokens per example (per packed sequence), EOS included
     # -- data (lmlab/tasks/sft.py): the format is told from each file's fields unless set
@@ -80,9 +80,10 @@ class SFTConfig(FinetuneConfig):
     chat_template: str | None = None  # a Jinja file or string; default: the model's, else lmlab's
     # The report: replies to `samples` prompts of the test split (else validation), drawn with
     # the seed (not picked by hand), under each decoding strategy named (STRATEGIES).
-    samples: int = 5  # 0 = none
+    samples: int = 5  # prompts replied to in the report; 0 = none
+    # the report's decoding strategies: greedy, sampling, beam (STRATEGIES)
     sample_strategies: list[str] = field(default_factory=lambda: ["greedy"])
-    sample_max_new_tokens: int = 128
+    sample_max_new_tokens: int = 128  # the length budget of each reply in the report
     optim: OptimConfig = field(default_factory=sft_optim)
 
     def __post_init__(self):
@@ -164,6 +165,7 @@ def show_examples(cfg: SFTConfig, count: int) -> str:
     return sft.show_masks(tokenizer, encode_file(cfg, tokenizer, cfg.train, first=count))
 
 
+@run_steps.undo_on_failure
 def finetune_sft(cfg: SFTConfig, *, run_dir: str | Path, resume: bool = False,
                  progress: bool = True) -> FinetuneResult:
     t0 = time.perf_counter()
@@ -180,8 +182,8 @@ def finetune_sft(cfg: SFTConfig, *, run_dir: str | Path, resume: bool = False,
                                               [cfg.train, cfg.validation, cfg.test])
     run_steps.seed_everything(cfg.optim.seed)  # LoRA's initial adapters come from the seed
     model = adapt(cfg, load_causal_lm(model_dir))
-    check_length(cfg, model)
-    device, _ = start(cfg, run_dir, recipe="sft", resume=resume)
+    check_model(cfg, model, tokenizer, model_dir)
+    device, _ = start(cfg, run_dir, resume=resume)
     model = model.to(device)
     task = sft.SFTTask(train=train_data, val=val_data, batch_size=cfg.optim.batch_size,
                        grad_accum=cfg.optim.grad_accum, seed=cfg.optim.seed, device=device,
@@ -190,8 +192,8 @@ def finetune_sft(cfg: SFTConfig, *, run_dir: str | Path, resume: bool = False,
     model.eval()
     before = task.evaluate(model)
     model.train()
-    result = train_epochs(cfg, model, task, run_dir=run_dir, device=device, resume=resume,
-                          progress=progress)
+    result = train_epochs(cfg, model, task, recipe="sft", run_dir=run_dir,
+                          device=device, resume=resume, progress=progress)
     run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length, base=model_dir)
     model.eval()
     test = None

@@ -414,6 +414,16 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def check_fits(self, model_vocab_size: int, *, where: str | Path) -> None:
+        """Refuse a tokenizer whose ids reach past a model's embedding table (another model's
+        tokenizer): its ids would index past the table mid-run. A smaller tokenizer is fine —
+        embedding tables are often padded past the vocabulary."""
+        if self.vocab_size > model_vocab_size:
+            raise CheckpointError(f"{where}: the tokenizer has {self.vocab_size} tokens, more "
+                                  f"than the model's vocabulary of {model_vocab_size} (its "
+                                  "config.json vocab_size); expected the tokenizer saved with "
+                                  "the model")
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

@@ -160,9 +160,13 @@ def verify(ckpt: Checkpoint) -> str | None:
     manifest_path = ckpt.path / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return f"{manifest_path}: missing or unreadable"
-    for name, expected in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and {"bytes", "sha256"} <= set(e) for e in files.values()):
+        return f"{manifest_path}: not an lmlab checkpoint manifest"
+    for name, expected in files.items():
         path = ckpt.path / name
         if not path.is_file():
             return f"{path}: missing"
@@ -172,12 +176,22 @@ def verify(ckpt: Checkpoint) -> str | None:
 
 
 def latest_valid(run_dir: Path) -> Checkpoint | None:
-    """The newest checkpoint that passes verification; bad ones are reported and skipped."""
+    """The newest checkpoint that passes verification; bad ones are reported and skipped. None
+    when there is no checkpoint; a CheckpointError when every one is damaged (naming the newest
+    and its problem): a run is never restarted over checkpoints it cannot read."""
+    problems = []
     for ckpt in reversed(list_checkpoints(run_dir)):
         problem = verify(ckpt)
         if problem is None:
+            for skipped in problems:
+                log.warning("skipping checkpoint %s", skipped)
             return ckpt
-        log.warning("skipping checkpoint %s: %s", ckpt.path.name, problem)
+        problems.append(problem)
+    if problems:
+        more = f" (and {len(problems) - 1} older ones)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{problems[0]}{more}; expected a complete checkpoint as lmlab "
+                              "writes it — remove the damaged checkpoints/step-* to resume "
+                              "from an older one, or start a new --out")
     return None
 
 
@@ -204,7 +218,8 @@ def read_checkpoint(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str
         weights = load_file(ckpt.path / "model.safetensors")
         state = torch.load(ckpt.path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — verified files that still fail to parse
-        raise CheckpointError(f"{ckpt.path}: cannot be loaded ({err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{ckpt.path}: cannot be loaded ({first})") from None
     return weights, state
 
 
@@ -225,3 +240,10 @@ def check_weights(ckpt: Checkpoint, weights: dict[str, torch.Tensor], model,
             f"{ckpt.path}: weights do not match the model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]})"
         )
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, tensor in weights.items():
+        if name in shapes and tuple(tensor.shape) != shapes[name]:
+            raise CheckpointError(f"{ckpt.path}: weight '{name}' has shape "
+                                  f"{tuple(tensor.shape)}, the model's is {shapes[name]}; the "
+                                  "checkpoint is of a model shaped otherwise (resume with the "
+                                  "run's own config)")

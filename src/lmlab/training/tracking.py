@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lmlab.errors import DataError
 from lmlab.fileio import atomic_write_bytes
 
 
@@ -17,7 +18,7 @@ class MetricsLog:
             # Drop events logged after the checkpoint we resume from: they will be logged
             # again, identically, so the curve has no duplicates. (A run killed mid-write may
             # have left half a line.) Rewritten atomically: a kill now must not lose the log.
-            kept = [json.dumps(r) for r in _parse(self.path.read_text())
+            kept = [json.dumps(r) for r in _parse(_text(self.path))
                     if r.get("step", 0) <= resume_step]
             atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
         elif resume_step is None:
@@ -58,7 +59,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return _parse(path.read_text())
+    text = _text(path)
+    records = _parse(text)
+    if not records and text.strip():
+        raise DataError(f"{path}: no line is a JSON object; expected the metrics log an lmlab "
+                        "run writes (one JSON object per line)")
+    return records
+
+
+def _text(path: Path) -> str:
+    # A run killed mid-write may have cut a character in half: that line is skipped below.
+    return path.read_bytes().decode("utf-8", errors="replace")
 
 
 def _parse(text: str) -> list[dict[str, Any]]:

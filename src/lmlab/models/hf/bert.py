@@ -48,7 +48,8 @@ BERT_KEYS = KeyMap(
 def bert_config_from_hf(hf: dict[str, Any], where: str, *, cls: type[nn.Module] | None = None,
                         overrides: dict[str, Any] | None = None) -> bert.BertConfig:
     values = config_values(hf, where, keys={key: key for key in BERT_CONFIG_KEYS},
-                           required=BERT_REQUIRED_VALUES, ignored=BERT_IGNORED_KEYS)
+                           required=BERT_REQUIRED_VALUES, ignored=BERT_IGNORED_KEYS,
+                           config_cls=bert.BertConfig)
     values.update(labels_from_hf(hf, where))
     values.update(overrides or {})
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -59,7 +59,11 @@ def read_state_dict(directory: Path) -> State:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                       for v in weight_map.values()):
+            raise CheckpointError(f"{index}: expected a 'weight_map' object of weight name → "
+                                  "shard file name")
         files = [directory / name for name in sorted(set(weight_map.values()))]
     elif legacy.is_file():
         try:
@@ -80,8 +84,10 @@ def _read_safetensors(file: Path) -> State:
     try:
         with safe_open(file, framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}
-    except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+        # SafetensorError ("incomplete metadata", "header too large"): truncated or not one
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err}); expected the "
+                              "complete file save_pretrained writes") from None
 
 
 def _record_for_config(hf: dict[str, Any], where: str) -> FamilyRecord:

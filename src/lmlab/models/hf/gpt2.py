@@ -56,14 +56,15 @@ _GPT2_BIASED = ("ln_1.weight", "ln_2.weight", "ln_f.weight", "c_attn.weight", "c
 
 def gpt2_config_from_hf(hf: dict[str, Any], where: str, *, cls: type[nn.Module] = GPT,
                         overrides: dict[str, Any] | None = None) -> GPTConfig:
+    # a list of EOS ids: the first is the main one
+    hf = {key: (value[0] if value else None)
+          if key in ("bos_token_id", "eos_token_id", "pad_token_id") and isinstance(value, list)
+          else value for key, value in hf.items()}
     values = config_values(hf, where, keys=GPT2_CONFIG_KEYS, required=GPT2_REQUIRED_VALUES,
-                           ignored=HF_IGNORED_KEYS)
+                           ignored=HF_IGNORED_KEYS, config_cls=GPTConfig)
     if values.get("activation", "gelu_new") not in GPT2_ACTIVATIONS:
         raise CheckpointError(f"{where}: activation_function {values['activation']!r} is not "
                               f"supported (expected {', '.join(GPT2_ACTIVATIONS)})")
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if isinstance(values.get(name), list):  # a list of EOS ids: the first is the main one
-            values[name] = values[name][0] if values[name] else None
     if cls is GPTForSequenceClassification:  # an LM's config.json labels mean nothing to it
         values.update(labels_from_hf(hf, where))
     values.update(overrides or {})

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
@@ -255,7 +255,7 @@ def read_adapter_weights(directory: str | Path) -> tuple[Path, dict[str, torch.T
     try:
         with safe_open(path, framework="pt") as f:
             return path, {key: f.get_tensor(key) for key in f.keys()}
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 

@@ -10,6 +10,8 @@ new family is one new module with one `register_family(...)` call, imported by _
 from __future__ import annotations
 
 import json
+import types
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -190,13 +192,20 @@ HF_IGNORED_KEYS = {
 
 
 def config_values(hf: dict[str, Any], where: str, *, keys: dict[str, str],
-                  required: dict[str, Any], ignored: set[str]) -> dict[str, Any]:
+                  required: dict[str, Any], ignored: set[str],
+                  config_cls: type | None = None) -> dict[str, Any]:
     """Our config fields from an HF config.json, by a family's tables: `keys` maps HF key → our
     field; a `required` key must hold its one supported value; any key in neither table nor
-    `ignored` is an error — an option lmlab does not implement is never silently dropped."""
+    `ignored` is an error — an option lmlab does not implement is never silently dropped. With
+    `config_cls` (our config dataclass), each value must be of its field's type."""
+    types = typing.get_type_hints(config_cls) if config_cls is not None else {}
     values = {}
     for key, value in hf.items():
         if key in keys:
+            expected = types.get(keys[key])
+            if expected is not None and not _has_type(value, expected):
+                raise CheckpointError(f"{where}: '{key}' must be {_type_name(expected)}, got "
+                                      f"{json.dumps(value)}")
             values[keys[key]] = value
         elif key in required:
             if value != required[key]:
@@ -207,6 +216,32 @@ def config_values(hf: dict[str, Any], where: str, *, keys: dict[str, str],
         elif key not in ignored:
             raise CheckpointError(f"{where}: config option '{key}' is not supported by lmlab")
     return values
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    """Whether a JSON value fits a config field's annotation (int, float, bool, str, X | None,
+    list[...]); a float field takes an int, as JSON writes 1.0 as 1; no field takes a bool
+    for a number."""
+    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
+        return any(_has_type(value, arm) for arm in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(expected)
+    if origin is not None:  # list[str] and the like: the shape, not the items
+        return isinstance(value, origin)
+    return isinstance(value, expected) if isinstance(expected, type) else True
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
+        return " or ".join(_type_name(arm) for arm in typing.get_args(expected))
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             type(None): "null"}
+    return names.get(expected, "a list" if typing.get_origin(expected) is list else str(expected))
 
 
 def labels_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
