@@ -19,3 +19,12 @@ class DataError(LmlabError, ValueError):
 
 class CheckpointError(LmlabError):
     """A model directory or checkpoint that cannot be loaded (names the file and the problem)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after checkpointing (not an error: the CLI reports
+    it in one line and exits with 128 + `signum`)."""
+
+    def __init__(self, message: str, *, signum: int, step: int, checkpoint: str):
+        super().__init__(message)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -3,10 +3,14 @@ named TASK (lmlab.recipes, command "finetune")."""
 
 from __future__ import annotations
 
+from lmlab.cli import add_resume_argument
 from lmlab.config import parse_overrides
 from lmlab.errors import ConfigError
 from lmlab.recipes import find_recipe, load_recipe_config, recipes_for
 from lmlab.recipes.run_steps import config_text
+
+
+RECIPE_CHOICE = "task"  # the argument that picks the recipe (--help lists its keys)
 
 
 def add_arguments(parser) -> None:
@@ -16,7 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML preset, e.g. configs/finetune/sst2.yaml")
     parser.add_argument("--out", help="run directory (model, checkpoints, logs); required "
                         "unless --show-masks")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    add_resume_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--show-masks", type=int, metavar="N",
                         help="print the first N training examples with the trained tokens "

@@ -6,10 +6,14 @@ from __future__ import annotations
 import logging
 import os
 
+from lmlab.cli import add_resume_argument
 from lmlab.config import parse_overrides
 from lmlab.recipes import recipes_for
 from lmlab.recipes.pretraining import pretrain_recipe
 from lmlab.recipes.run_steps import config_text
+
+
+RECIPE_CHOICE = "objective"  # the argument that picks the recipe (--help lists its keys)
 
 
 def add_arguments(parser) -> None:
@@ -19,7 +23,7 @@ def add_arguments(parser) -> None:
                         help="the recipe (default: the config's objective, else causal): " +
                              "; ".join(f"{n}: {r.help}" for n, r in sorted(objectives.items())))
     parser.add_argument("--out", required=True, help="run directory (model, checkpoints, logs)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    add_resume_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.epilog = ("Any config key can be overridden: --data PATH --max_steps 100 --lr 3e-4 … "
                      "Launch with `torchrun --nproc_per_node=N -m lmlab pretrain …` for "

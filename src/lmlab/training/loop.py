@@ -9,7 +9,8 @@ give exactly the update of one batch of k·b·N, which averaging per micro-batch
 
 Everything that decides the future of a run — step, schedule horizon, optimizer, the RNG states
 of every rank, the best metric and early-stopping count — is in each checkpoint; data are a pure
-function of (seed, step). So a run killed at any moment resumes bit for bit.
+function of (seed, step). So a run killed at any moment resumes bit for bit. SIGINT (Ctrl-C) and
+SIGTERM stop it at the next step boundary with a checkpoint of that step (training/interrupt.py).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from lmlab.errors import CheckpointError, ConfigError, LmlabError
+from lmlab.errors import CheckpointError, ConfigError, Interrupted, LmlabError
 from lmlab.training import checkpoint as ckpt_io
 from lmlab.training.distributed import Distributed, rng_state, set_rng_state
 from lmlab.training.early_stopping import BestTracker, default_greater_is_better
+from lmlab.training.interrupt import StopSignals
 from lmlab.training.optim import build_optimizer, clip_grad_norm_
-from lmlab.training.perf import matmul_peak_flops, peak_memory_mb
-from lmlab.training.runtime import autocast
+from lmlab.training.perf import matmul_peak_flops, peak_memory_mb, reset_peak_memory
+from lmlab.training.runtime import autocast, setup_cuda
 from lmlab.training.schedule import SCHEDULES, lr_at
 from lmlab.training.tracking import MetricsLog
 
@@ -55,18 +57,18 @@ class OptimConfig:
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"early_stopping_patience": "patience",
                                               "early_stopping_min_delta": "min_delta"}
     # -- AdamW and the learning-rate schedule
-    lr: float = 1e-3
-    min_lr: float = 0.0
+    lr: float = 1e-3  # peak learning rate, reached at the end of the warmup
+    min_lr: float = 0.0  # the learning rate the schedule ends at
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the linear warmup
     weight_decay: float = 0.0  # on matrices only
-    beta1: float = 0.9
-    beta2: float = 0.999
+    beta1: float = 0.9  # AdamW's decay of the gradient's running mean
+    beta2: float = 0.999  # AdamW's decay of the squared gradient's running mean
     adam_eps: float = 1e-8  # AdamW's epsilon: the floor under each element's RMS gradient
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still computed, to catch NaN)
     # -- batches, which the recipe's task draws: per process; a step is batch_size × grad_accum
     # × processes
-    batch_size: int = 32
-    grad_accum: int = 1
+    batch_size: int = 32  # examples (sequences) per micro-batch, per process
+    grad_accum: int = 1  # micro-batches accumulated into one optimizer step
     # -- the best model, early stopping, checkpoints
     metric: str = "val_loss"  # the key of Task.evaluate's dict that decides "best"
     greater_is_better: bool | None = None  # None: False if the metric's name contains "loss"
@@ -78,12 +80,12 @@ class OptimConfig:
     # -- guards, budget, logging
     max_bad_steps: int = 10  # non-finite steps in a row before the run stops
     max_minutes: float | None = None  # time budget: the number of steps is cut to what fits
-    log_every: int = 10
-    tensorboard: bool = False
+    log_every: int = 10  # steps between logged training losses (metrics.jsonl)
+    tensorboard: bool = False  # also log to RUN_DIR/tensorboard
     # -- runtime (the recipe seeds and picks the device and autocast dtype before the loop)
-    seed: int = 1337
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, else fp32
+    seed: int = 1337  # seeds initialisation, data order, masking and dropout
+    device: str = "auto"  # auto (CUDA if present, else CPU), cpu, cuda or cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs with native bf16
     compile: bool = False  # torch.compile the training forward
     cpu_kernels: bool = True  # the CPU speed layer where it applies (lmlab/kernels/__init__.py)
 
@@ -131,7 +133,8 @@ class LoopConfig:
     eval_every: int = 0  # 0 = evaluate only before training and at the end
     save_every: int = 0  # 0 = checkpoint only at the end
     eval_at_start: bool = True  # evaluate before step 0 on fresh runs
-    progress: bool = False
+    progress: bool = False  # a progress bar, and a line per evaluation, on the console
+    steps_per_epoch: int = 0  # epoch-based runs (fine-tuning): the console counts epochs
 
     def __post_init__(self):
         if self.optim.patience and not self.eval_every:
@@ -177,7 +180,7 @@ def train(
     run_dir: Path,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
     tokens_per_step: int = 0,
     flops_per_step: float = 0.0,
     dist: Distributed | None = None,
@@ -185,7 +188,12 @@ def train(
     """Train `model` (a plain module; wrapped for DDP/FSDP and compiled here) on `task`.
 
     `tokens_per_step` (global, 0 if unknown) gives tokens/s; `flops_per_step` (global model
-    FLOPs of one optimizer step, 0 if unknown) gives MFU. Only rank 0 logs and writes files."""
+    FLOPs of one optimizer step, 0 if unknown) gives MFU. Only rank 0 logs and writes files.
+    `resume`: True continues from the newest valid checkpoint (CheckpointError if there is none),
+    "auto" continues if there is one and starts afresh otherwise. SIGINT or SIGTERM while training
+    checkpoints the current step and raises `lmlab.errors.Interrupted`."""
+    if resume not in (False, True, "auto"):
+        raise ConfigError(f"resume: expected true, false or 'auto', got {resume!r}")
     return _Trainer(model, task, cfg, run_dir=Path(run_dir), device=device, amp_dtype=amp_dtype,
                     tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
                     dist=dist or Distributed()).run(resume=resume)
@@ -207,7 +215,8 @@ class _Trainer:
     def __post_init__(self):
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.wrapped = self.dist.wrap(self.model, self.device)
+        setup_cuda(self.device)  # TF32 for fp32 matmuls; the device made current
+        self.wrapped = self.dist.wrap(self.model, self.device, param_dtype=self.amp_dtype)
         self.optim = self.cfg.optim
         self.runnable = torch.compile(self.wrapped) if self.optim.compile else self.wrapped
         # One process on the CPU: the speed layer's FlatAdamW lays the parameters out in one
@@ -227,16 +236,23 @@ class _Trainer:
         self.tracker = BestTracker(self.optim.metric, self.optim.higher_is_better,
                                    patience=self.optim.patience, min_delta=self.optim.min_delta)
         self.step, self.max_steps = 0, self.cfg.max_steps
+        self.saved_step, self.saved_path = -1, None  # the last checkpoint written
+        self.losses_since_eval: list[torch.Tensor] = []  # for the console's line per evaluation
+        self.stop = StopSignals(self.dist, self.device)  # SIGINT/SIGTERM while training
         self.budget_fixed = self.optim.max_minutes is None
         self.metrics_log: MetricsLog | None = None
 
     # -- state -----------------------------------------------------------------------------------
-    def restore(self) -> bool:
-        """Load the newest valid checkpoint (rank 0 reads, every rank receives); False if none."""
+    def restore(self, *, strict: bool) -> bool:
+        """Load the newest valid checkpoint (rank 0 reads, every rank receives); if there is none,
+        raise (`strict`) or return False."""
         latest = ckpt_io.latest_valid(self.run_dir) if self.dist.is_main else None
         path = self.dist.broadcast(str(latest.path) if latest else None)
         if path is None:
-            log.warning("--resume: no valid checkpoint in %s; starting from step 0", self.run_dir)
+            if strict:
+                raise CheckpointError(f"--resume: no valid checkpoint in {self.run_dir} to "
+                                      "continue from (--resume auto would start a new run)")
+            log.info("--resume auto: no checkpoint in %s; starting a new run", self.run_dir)
             return False
         weights, state = ckpt_io.read_checkpoint(latest) if self.dist.is_main else ({}, {})
         if self.dist.is_main:
@@ -282,9 +298,10 @@ class _Trainer:
             state = {"step": self.step, "max_steps": self.max_steps, "optimizer": optimizer,
                      "rng": rngs, "tracker": self.tracker.state_dict(),
                      "world_size": self.dist.world_size}
-            ckpt_io.save_checkpoint(self.run_dir, self.step, weights, state,
-                                    keep_last=self.optim.keep_last)
+            self.saved_path = ckpt_io.save_checkpoint(self.run_dir, self.step, weights, state,
+                                                      keep_last=self.optim.keep_last)
         self.dist.barrier()
+        self.saved_step = self.step
 
     # -- evaluation ------------------------------------------------------------------------------
     def measure(self, *, final: bool = False) -> dict[str, float]:
@@ -297,15 +314,32 @@ class _Trainer:
         return self.dist.broadcast({k: float(v) for k, v in metrics.items()})
 
     def evaluate(self, *, final: bool = False) -> dict[str, float]:
-        """Measure, log, and keep the weights if they are the best so far."""
+        """Measure, log, report, and keep the weights if they are the best so far."""
         metrics = self.measure(final=final)
         self.log(self.step, **metrics)
-        if self.tracker.update(self.step, metrics) and self.optim.keep_best:
+        best = self.tracker.update(self.step, metrics)
+        if best and self.optim.keep_best:
             weights = self.weights()
             if self.dist.is_main:
                 ckpt_io.save_best(self.run_dir, self.step, weights, metrics)
             self.dist.barrier()
+        self.report(metrics, best=best)
         return metrics
+
+    def report(self, metrics: dict[str, float], *, best: bool) -> None:
+        """The console's line per evaluation after training steps (the one before training is
+        the command's to report): where the run is, the mean training loss since the last
+        evaluation, the figures, and whether they are the best so far. tqdm.write puts it
+        above the progress bar instead of through it."""
+        losses, self.losses_since_eval = self.losses_since_eval, []
+        if not (self.cfg.progress and self.dist.is_main and self.step > 0):
+            return
+        per_epoch = self.cfg.steps_per_epoch
+        where = (f"epoch {self.step / per_epoch:.3g}/{self.max_steps / per_epoch:.3g}"
+                 if per_epoch else f"step {self.step}/{self.max_steps}")
+        parts = [f"train loss {float(torch.stack(losses).mean()):.4f}"] if losses else []
+        parts += [f"{name} {value:.4g}" for name, value in metrics.items()]
+        tqdm.write(f"{where}: {', '.join(parts)}{' (best)' if best else ''}")
 
     def restore_best(self) -> None:
         best = ckpt_io.best_checkpoint(self.run_dir) if self.dist.is_main else None
@@ -336,9 +370,10 @@ class _Trainer:
         batches = self.task.train_batches(self.step)
         if not batches:
             raise ConfigError(f"task returned no micro-batches for step {self.step}")
-        count = torch.tensor(float(sum(self.task.num_targets(b) for b in batches)),
-                             dtype=torch.float64, device=self.device)
-        n_targets = float(self.dist.all_reduce_sum(count))
+        n_targets = float(sum(self.task.num_targets(b) for b in batches))
+        if self.dist.active:  # one small all-reduce (and sync) per step, only with processes
+            count = torch.tensor(n_targets, dtype=torch.float64, device=self.device)
+            n_targets = float(self.dist.all_reduce_sum(count))
         self.clock.targets += int(n_targets)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(batches):
@@ -355,7 +390,8 @@ class _Trainer:
         grad_norm = clip_grad_norm_(self.params, max_norm, self.optimizer)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; the norm of the whole gradient
             grad_norm = grad_norm.full_tensor()
-        if bool(torch.isfinite(mean_loss)) and bool(torch.isfinite(grad_norm)):
+        # The step's one wait for the GPU (besides logging): both checks in a single sync.
+        if bool(torch.isfinite(mean_loss) & torch.isfinite(grad_norm).to(mean_loss.device)):
             self.optimizer.step()
             self.bad_in_a_row = 0
         else:
@@ -392,17 +428,19 @@ class _Trainer:
         self.budget_fixed = True
 
     # -- the run ---------------------------------------------------------------------------------
-    def run(self, *, resume: bool) -> TrainResult:
-        resumed = self.restore() if resume else False
+    def run(self, *, resume: bool | Literal["auto"]) -> TrainResult:
+        resumed = self.restore(strict=resume is True) if resume else False
         start_step = self.step
         if self.dist.is_main:
             self.metrics_log = MetricsLog(self.run_dir, tensorboard=self.optim.tensorboard,
                                           resume_step=start_step if resumed else None)
         self.peak_flops = (matmul_peak_flops(str(self.device), self.amp_dtype or torch.float32)
                            if self.flops_per_step else 0.0)
+        reset_peak_memory(self.device)  # the probe's 8192² matrices are not the run's memory
         try:
             return self._run(start_step)
         finally:
+            self.stop.restore()
             if self.metrics_log is not None:
                 self.metrics_log.close()
 
@@ -414,11 +452,17 @@ class _Trainer:
             first_metrics = last_metrics = self.evaluate()
             eval_seconds = time.perf_counter() - t_begin
         self.model.train()
-        bar = tqdm(total=self.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+        # A time-budgeted run does not know its step count until it has timed a few steps: its
+        # bar shows steps and rate without a total (no made-up ETA) until the budget is fitted.
+        bar = tqdm(total=self.max_steps if self.budget_fixed else None, initial=start_step,
+                   unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.dist.is_main))
+        if not self.budget_fixed:
+            bar.set_postfix_str(f"timing steps for a {optim.max_minutes:g}-minute budget")
         self.bad_in_a_row, train_loss = 0, None
         stopped_early = self.tracker.should_stop  # resuming a run that had stopped early
         t_calibrate = time.perf_counter()
+        self.stop.install()
         while self.step < self.max_steps and not stopped_early:
             t0 = time.perf_counter()
             loss, grad_norm, lr = self.train_step()
@@ -428,6 +472,7 @@ class _Trainer:
             self.step += 1
             self.clock.steps += 1
             self.clock.seconds += time.perf_counter() - t0
+            self.losses_since_eval.append(loss)
             if self.step % optim.log_every == 0 or self.step == self.max_steps:
                 train_loss = float(loss)
                 record = self.log_step(train_loss, float(grad_norm), lr)
@@ -439,6 +484,7 @@ class _Trainer:
             if not self.budget_fixed and self.clock.steps == CALIBRATION[1]:
                 self.fit_time_budget(t_begin, t_calibrate, eval_seconds)
                 bar.total = self.max_steps
+                bar.refresh()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != self.max_steps:
                 last_metrics = self.evaluate()
                 if self.tracker.should_stop:
@@ -450,13 +496,21 @@ class _Trainer:
                     break
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step != self.max_steps:
                 self.save()
-        bar.close()
+            if self.step < self.max_steps and self.stop.requested():
+                break
+        bar.close()  # before anything is reported: nothing is appended to the bar
+        interrupted = self.stop.requested()  # also a signal during the last step
+        self.stop.restore()
+        if interrupted and self.step < self.max_steps and not stopped_early:
+            self.stop_interrupted()
         if self.step > start_step:
             if not stopped_early:  # an early stop has just evaluated
                 last_metrics = self.evaluate(final=True)
             self.save()
         elif not last_metrics:  # resumed a finished run: report, but log and save nothing new
             last_metrics = self.measure(final=True)
+        if interrupted:  # during the last step: the run's end is checkpointed, stop before more
+            self.stop_interrupted()
         if optim.restore_best:
             self.restore_best()
         return TrainResult(
@@ -477,6 +531,14 @@ class _Trainer:
             f"{self.bad_in_a_row} non-finite steps in a row at step {self.step - 1}; stopped. "
             f"{self.run_dir / 'checkpoints'} holds the last good state (step {self.step}) — "
             "lower lr or check the data, then --resume")
+
+    def stop_interrupted(self) -> None:
+        """SIGINT or SIGTERM asked to stop: checkpoint this step (unless that is done) and stop."""
+        if self.saved_step != self.step:
+            self.save()
+        where = self.saved_path or self.run_dir / "checkpoints"
+        raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to {where}",
+                          signum=self.stop.agreed, step=self.step, checkpoint=str(where))
 
     def mfu(self) -> float | None:
         if not (self.flops_per_step and self.peak_flops and self.clock.seconds):
