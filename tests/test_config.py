@@ -352,7 +352,7 @@ def test_shakespeare_preset_values():
     ({"val_fraction": "1.0"}, r"val_fraction must be in \[0, 1\), got 1.0"),
     ({"val_fraction": "-0.1"}, "val_fraction must be in"),
     ({"max_minutes": "0"}, "max_minutes must be > 0"),
-    ({"precision": "fp16"}, r"'precision': expected one of \['auto', 'fp32', 'bf16'\]"),
+    ({"precision": "fp16"}, r"--precision: expected one of \['auto', 'fp32', 'bf16'\]"),
 ])
 def test_pretrain_config_validation(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -367,3 +367,16 @@ def test_pretrain_config_validation_from_yaml_names_the_parameter(tmp_path):
 
 def test_val_fraction_zero_is_allowed():
     assert load_config(CausalLMConfig, None, {"val_fraction": "0"}).val_fraction == 0.0
+
+
+def test_a_bad_override_names_its_flag_not_the_file(tmp_path):
+    path = write(tmp_path / "c.yaml", "max_steps: 10\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(CausalLMConfig, path, {"max_steps": "abc"})
+    assert str(info.value) == "--max_steps: expected an integer, got 'abc'"
+    with pytest.raises(ConfigError) as info:  # a check in __post_init__: the flag that set it
+        load_config(CausalLMConfig, path, {"max_steps": "-3"})
+    assert str(info.value) == "--max_steps: max_steps must be positive, got -3"
+    with pytest.raises(ConfigError) as info:  # ... and the file when the file set it
+        load_config(CausalLMConfig, write(tmp_path / "d.yaml", "max_steps: -3\n"), {"lr": "1"})
+    assert str(info.value).startswith(f"{tmp_path / 'd.yaml'}: max_steps must be positive")

@@ -17,10 +17,16 @@ lmlab must still read (`upgrade_saved`).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import functools
+import inspect
+import io
 import json
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -96,10 +102,10 @@ def _path_of(cls: type, key: str) -> KeyPath | None:
 
 
 def _resolve(cls: type, values: dict[str, Any], where: str | None,
-             prefix: KeyPath = ()) -> dict[KeyPath, tuple[str, Any, str]]:
+             prefix: KeyPath = ()) -> dict[KeyPath, tuple[str, Any, str | None]]:
     """{path: (key as written, value, where it came from)}; a section given as a mapping is
     opened up. `where` None: command-line overrides (an unknown one is named --key)."""
-    found: dict[KeyPath, tuple[str, Any, str]] = {}
+    found: dict[KeyPath, tuple[str, Any, str | None]] = {}
     for key, value in values.items():
         at = where or f"--{key}"
         path = _path_of(cls, key)
@@ -113,7 +119,7 @@ def _resolve(cls: type, values: dict[str, Any], where: str | None,
         if section is not None and isinstance(value, dict):
             found.update(_resolve(section, value, at, (*prefix, *path)))
         else:
-            found[(*prefix, *path)] = (key, value, where or "config")
+            found[(*prefix, *path)] = (key, value, where)
     return found
 
 
@@ -233,16 +239,24 @@ def _construct(cls: type[T], values: dict[KeyPath, Any], base: Any = None) -> T:
 def build_config(cls: type[T], layers: list[tuple[dict[str, Any], str | None]]) -> T:
     """Dataclass `cls` from layers of values, each (mapping, where it came from: a file name,
     or None for command-line overrides); later layers win, key by key."""
-    resolved: dict[KeyPath, tuple[str, Any, str]] = {}
+    resolved: dict[KeyPath, tuple[str, Any, str | None]] = {}
     for values, where in layers:
         resolved.update(_resolve(cls, values, where))
-    converted = {path: convert_value(value, _annotation(cls, path), where=f"{at}: '{key}'")
+    converted = {path: convert_value(value, _annotation(cls, path), where=_origin(key, at))
                  for path, (key, value, at) in resolved.items()}
-    where = next((w for _, w in layers if w is not None), "config")
     try:
         return _construct(cls, converted)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:  # a check in __post_init__: blame who set the key
+        where = next((w for _, w in layers if w is not None), "config")
+        named = [(key, at) for path, (key, _, at) in resolved.items()
+                 if re.search(rf"\b{re.escape(path[-1])}\b", str(err))]
+        flags = [f"--{key}" for key, at in named if at is None]
+        raise ConfigError(f"{(flags or [at for _, at in named] or [where])[0]}: {err}") from None
+
+
+def _origin(key: str, where: str | None) -> str:
+    """Where a value was set, for an error: the flag (`--max_steps`), or the file and key."""
+    return f"--{key}" if where is None else f"{where}: '{key}'"
 
 
 def from_dict(cls: type[T], values: dict[str, Any], *, where: str = "config") -> T:
@@ -327,3 +341,106 @@ def dump_yaml(config: Any) -> str:
     ordered = {k: v for k, v in values.items() if not isinstance(v, dict)}
     ordered.update({k: v for k, v in values.items() if isinstance(v, dict)})
     return yaml.safe_dump(ordered, sort_keys=False)
+
+
+# -- the keys described (`--help`, docs/config-reference.md), read from the config classes
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    key: str  # dotted below a section: "optim.lr"
+    type: str  # "float", "str | None", "cosine | linear | constant"
+    default: str  # as YAML writes it: "0.001", "null", "[greedy]"
+    help: str  # one line: the comment beside the field (field_comments)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's description, from the class's source: the comment on the field's line, else
+    the comment lines right above it, less a group header (a first line starting `# --`). A
+    subclass that redeclares a field without a comment keeps its parent's description."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update({k: v for k, v in _declared_comments(klass).items() if v})
+    return docs
+
+
+@functools.cache
+def _declared_comments(cls: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (a class made at run time)
+        return {}
+    lines = source.splitlines()
+    trailing = {token.start[0]: token.string for token in
+                tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT and not token.line.lstrip().startswith("#")}
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        text = [trailing[n] for n in range(node.lineno, node.end_lineno + 1) if n in trailing]
+        if not text:
+            first = node.lineno - 1
+            while first > 0 and lines[first - 1].lstrip().startswith("#"):
+                first -= 1
+            text = [line.strip() for line in lines[first:node.lineno - 1]]
+            if text and text[0].removeprefix("#").strip().startswith("--"):
+                text = text[1:]
+        docs[node.target.id] = " ".join(t.removeprefix("#").strip() for t in text)
+    return docs
+
+
+def describe_keys(cls: type) -> list[KeyDoc]:
+    """Every key of `cls`, plain ones first, then each section's as `section.key` with the
+    defaults the parent gives it. An optional section (`lora: LoraConfig | None = None`) has a
+    row of its own: off until one of its keys is set."""
+    plain: list[KeyDoc] = []
+    sections: list[KeyDoc] = []
+
+    def walk(config: type, defaults: Any, prefix: str) -> None:
+        docs = field_comments(config)
+        for spec in dataclasses.fields(config):
+            if not spec.init:
+                continue
+            annotation = _field_types(config)[spec.name]
+            default = getattr(defaults, spec.name) if defaults is not None \
+                else _default_or_missing(spec)
+            key = prefix + spec.name
+            section = _section(annotation)
+            if section is None:
+                (sections if prefix else plain).append(
+                    KeyDoc(key, _type_text(annotation), _value_text(default),
+                           docs.get(spec.name, "")))
+                continue
+            if default is None:
+                sections.append(KeyDoc(key, "section", "null (off)", docs.get(spec.name, "")))
+            walk(section, default, key + ".")
+
+    walk(cls, None, "")
+    return plain + sections
+
+
+def _default_or_missing(spec: dataclasses.Field) -> Any:
+    if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+        return dataclasses.MISSING
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
+def _type_text(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _value_text(value: Any) -> str:
+    if value is dataclasses.MISSING:
+        return "required"
+    if isinstance(value, str):
+        return value if value else '""'
+    return json.dumps(value, default=str)

@@ -74,8 +74,7 @@ class GenerationConfig:
                 ("length_penalty", self.length_penalty != 1.0),
                 ("early_stopping", self.early_stopping is not False),
             ) if used]
-            _check(not beam_knobs, f"{', '.join(beam_knobs)} only apply to beam search; "
-                                   "pass num_beams > 1")
+            _check(not beam_knobs, f"{_only(beam_knobs)} to beam search; pass num_beams > 1")
             _check(self.num_return_sequences == 1 or self.do_sample,
                    f"num_return_sequences={self.num_return_sequences} needs num_beams >= "
                    f"{self.num_return_sequences} or do_sample=True; greedy decoding returns one "
@@ -95,8 +94,7 @@ class GenerationConfig:
                 ("eta_cutoff", self.eta_cutoff is not None), ("seed", self.seed is not None),
             ) if used]
             # transformers warns and decodes greedily; a silent strategy switch is worse.
-            _check(not sampling_knobs,
-                   f"{', '.join(sampling_knobs)} only apply to sampling; pass do_sample=True")
+            _check(not sampling_knobs, f"{_only(sampling_knobs)} to sampling; pass do_sample=True")
         self.logits_processors(prompt_len=0)  # builds, and so validates, every processor
 
     def new_tokens_for(self, prompt_len: int) -> int:
@@ -147,3 +145,12 @@ class GenerationConfig:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _only(names: list[str]) -> str:
+    """"top_k only applies", "top_k and top_p only apply": messages name parameters as they are
+    spelled here; a command line renders them as its flags (lmlab.cli.generate.in_flag_words)."""
+    if not names:  # the message is built before the check: nothing to say
+        return ""
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"{listed} only {'applies' if len(names) == 1 else 'apply'}"

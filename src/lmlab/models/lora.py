@@ -48,10 +48,10 @@ class LoraConfig:
     keeps the update's size; `target_modules` are transformers module names (None: PEFT's
     default for the family — GPT-2 ["c_attn"], BERT ["query", "value"])."""
 
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
+    r: int = 8  # the rank of the update
+    alpha: float = 16  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: list[str] | None = None  # module names; None: the family's default
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:

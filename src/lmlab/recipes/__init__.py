@@ -9,6 +9,7 @@
     classification.py  `classification`: a BERT or GPT with a sequence-classification head
     qa.py              `qa`: extractive QA on a BERT encoder
     sft.py             `sft`: instruction / conversation fine-tuning of a causal LM (+ LoRA)
+    reference.py       every recipe's config keys described: --help, docs/config-reference.md
 
 Each recipe module registers itself when imported; the imports below are all that makes them
 known. A new workflow (translation, SFT, LoRA, …) is one more module and one more import here.

@@ -52,20 +52,20 @@ class FinetuneConfig:
 
     # -- model and data
     model: str = "minilm"  # a pretrained model directory (BERT or GPT), or "minilm"
-    train: str | None = None
-    validation: str | None = None
+    train: str | None = None  # the training file
+    validation: str | None = None  # evaluated after every epoch: picks the best one
     test: str | None = None  # evaluated once, at the end, with the best weights
     max_length: int = 128  # tokens per example (per window for QA), special tokens included
     eval_batch_size: int | None = None  # default 2 × batch_size
     group_by_length: bool = True  # batches of similar lengths: far less padding
     # -- the horizon: epochs, one evaluation and checkpoint after each
-    epochs: float = 3.0  # may be fractional
+    epochs: float = 3.0  # passes over the training data; may be fractional
     warmup_ratio: float = 0.1  # fraction of the steps spent warming up
     # -- LoRA instead of full fine-tuning: `lora: {r: 8, alpha: 16, dropout: 0.0,
     # target_modules: [c_attn]}` (transformers' module names; null = the family's default).
     # Only the adapters (and a classifier's head) train; RUN_DIR holds the adapter in PEFT's
     # format instead of a full model.
-    lora: LoraConfig | None = None
+    lora: LoraConfig | None = None  # LoRA instead of full fine-tuning: set any lora.* key
     # -- the loop: optimizer, schedule, batches, best epoch, runtime (training/loop.py)
     optim: OptimConfig = field(default_factory=finetuning_optim)
 
@@ -97,7 +97,8 @@ class FinetuneConfig:
         return LoopConfig(max_steps=max_steps, optim=self.optim,
                           warmup_steps=round(self.warmup_ratio * max_steps),
                           eval_every=steps_per_epoch, save_every=steps_per_epoch,
-                          eval_at_start=False, progress=progress)
+                          eval_at_start=False, progress=progress,
+                          steps_per_epoch=steps_per_epoch)
 
 
 @dataclass
@@ -139,17 +140,16 @@ def resolve_model(name: str) -> Path:
     return path
 
 
-def start(cfg: FinetuneConfig, run_dir: Path, *, recipe: str,
-          resume: bool) -> tuple[torch.device, Path]:
-    """Check and create RUN_DIR and save the resolved config, seed, pick the device, and find
-    the pretrained model."""
+def start(cfg: FinetuneConfig, run_dir: Path, *, resume: bool) -> tuple[torch.device, Path]:
+    """Check the inputs and RUN_DIR, seed, pick the device, and find the pretrained model.
+    Nothing is written: RUN_DIR and its config come once the run can start (train_epochs)."""
     for name in ("train", "validation"):
         if getattr(cfg, name) is None:
             raise ConfigError(f"{name}: no {name} file; pass --{name} FILE")
+    model_dir = resolve_model(cfg.model)
     run_steps.check_run_dir(run_dir, resume=resume)
-    run_steps.write_config(run_dir, recipe, cfg)
     run_steps.seed_everything(cfg.optim.seed)
-    return pick_device(cfg.optim.device), resolve_model(cfg.model)
+    return pick_device(cfg.optim.device), model_dir
 
 
 def family_class(model_dir: Path, classes: dict[type, Callable[..., Any]]) -> type | None:
@@ -173,6 +173,12 @@ def check_length(cfg: FinetuneConfig, model) -> None:
         raise ConfigError(f"max_length {cfg.max_length} exceeds the model's {limit} positions")
 
 
+def check_model(cfg: FinetuneConfig, model, tokenizer: Tokenizer, model_dir: Path) -> None:
+    """The model reads `max_length` tokens, and every id of its directory's tokenizer."""
+    check_length(cfg, model)
+    tokenizer.check_fits(model.config.vocab_size, where=model_dir)
+
+
 def adapt(cfg: FinetuneConfig, model):
     """The model with LoRA adapters where the config asks for them (the base frozen)."""
     if cfg.lora is None:
@@ -185,13 +191,48 @@ def adapt(cfg: FinetuneConfig, model):
     return model
 
 
-def train_epochs(cfg: FinetuneConfig, model, task, *, run_dir: Path, device: torch.device,
-                 resume: bool, progress: bool) -> TrainResult:
-    """The loop over `cfg.epochs` epochs of the task's plan."""
+# Fewer optimizer steps than this rarely move a pretrained model far from where it started: a
+# few hundred examples at the presets' batch of 32 for 2 epochs learned nothing (dev 42%).
+MIN_STEPS = 100
+
+
+def short_schedule(cfg: FinetuneConfig, *, examples: int, global_batch: int) -> str | None:
+    """A warning, with what to change, when `cfg.epochs` over `examples` in batches of
+    `global_batch` (batch_size × grad_accum × processes) make fewer than MIN_STEPS optimizer
+    steps; None when they make enough. The suggestion lowers batch_size (not below 8), then
+    raises epochs."""
+    times = global_batch // cfg.optim.batch_size  # grad_accum × processes
+
+    def steps_per_epoch(batch: int) -> int:
+        return math.ceil(examples / (batch * times))
+
+    steps = max(1, math.ceil(cfg.epochs * steps_per_epoch(cfg.optim.batch_size)))
+    if steps >= MIN_STEPS:
+        return None
+    batch = cfg.optim.batch_size
+    while batch > 8 and cfg.epochs * steps_per_epoch(batch) < MIN_STEPS:
+        batch //= 2
+    epochs = max(cfg.epochs, math.ceil(MIN_STEPS / steps_per_epoch(batch)))
+    fix = " ".join([f"--epochs {epochs:g}"] * (epochs != cfg.epochs)
+                   + [f"--batch_size {batch}"] * (batch != cfg.optim.batch_size))
+    per = f"batch {cfg.optim.batch_size}" + (f" × {times}" if times > 1 else "")
+    return (f"only {steps} optimizer steps ({examples} examples / {per} × {cfg.epochs:g} "
+            f"epoch{'s' * (cfg.epochs != 1)}): too few to learn much; raise epochs or lower "
+            f"batch_size, e.g. {fix}")
+
+
+def train_epochs(cfg: FinetuneConfig, model, task, *, recipe: str, run_dir: Path,
+                 device: torch.device, resume: bool, progress: bool) -> TrainResult:
+    """RUN_DIR's train_config.yaml (everything checked, the run starts now), then the loop over
+    `cfg.epochs` epochs of the task's plan."""
+    run_steps.write_config(run_dir, recipe, cfg)
     tokens, steps_per_epoch = int(task.plan.lengths.sum()), task.plan.steps_per_epoch
     loop = cfg.loop_config(steps_per_epoch, progress=progress)
     log.info("%d examples → %d steps per epoch, %d steps; %d tokens per epoch",
              len(task.train), steps_per_epoch, loop.max_steps, tokens)
+    if (warning := short_schedule(cfg, examples=int(task.plan.lengths.size),
+                                  global_batch=task.plan.global_batch)) is not None:
+        log.warning(warning)
     return train(model, task, loop, run_dir=run_dir, device=device,
                  amp_dtype=autocast_dtype(device, cfg.optim.precision), resume=resume,
                  tokens_per_step=tokens // steps_per_epoch)
@@ -212,27 +253,32 @@ class FinetunedRun:
         return next(self.model.parameters()).device
 
 
-def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> FinetunedRun:
-    """The recipe, config (`run_config`), model and tokenizer of a fine-tuned run."""
+def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
+             device: str = "auto") -> FinetunedRun:
+    """The recipe, config (`run_config`), model and tokenizer of a fine-tuned run, the model on
+    `device` (the device rule, lmlab.training.runtime.pick_device) — not the device the run
+    trained on, which its train_config.yaml records for that machine."""
     run_dir = Path(run_dir)
     recipe = recipe_of_run(run_dir)
     if recipe.evaluate is None:
         raise CheckpointError(f"{run_dir}: a run of recipe {recipe.name!r} (lmlab "
                               f"{recipe.command}); evaluate and predict take fine-tuned runs")
     cfg = run_config(recipe, run_dir, overrides)
+    where = pick_device(device, flag="--device")
     if is_adapter(run_dir):
-        model = load_adapter_run(recipe, cfg, run_dir)
+        model = load_adapter_run(recipe, cfg, run_dir, device=where)
     else:
-        model = from_pretrained(run_dir, device=pick_device(cfg.optim.device))
-    return FinetunedRun(recipe=recipe, cfg=cfg, model=model.eval(),
-                        tokenizer=Tokenizer.from_pretrained(run_dir))
+        model = from_pretrained(run_dir, device=where)
+    tokenizer = Tokenizer.from_pretrained(run_dir)
+    tokenizer.check_fits(model.config.vocab_size, where=run_dir)
+    return FinetunedRun(recipe=recipe, cfg=cfg, model=model.eval(), tokenizer=tokenizer)
 
 
 def is_adapter(run_dir: Path) -> bool:
     return (Path(run_dir) / ADAPTER_CONFIG).is_file()
 
 
-def load_adapter_run(recipe: Recipe, cfg: Any, run_dir: Path):
+def load_adapter_run(recipe: Recipe, cfg: Any, run_dir: Path, *, device: torch.device):
     """A LoRA run's model: its base (the adapter config's base_model_name_or_path, else the
     run's `model`) with the adapter loaded. Causal LMs only: a classifier's head needs its label
     set, which the adapter does not carry."""
@@ -240,7 +286,7 @@ def load_adapter_run(recipe: Recipe, cfg: Any, run_dir: Path):
     from lmlab.models.hf.peft import load_adapter, read_adapter_base
 
     base = read_adapter_base(run_dir) or cfg.model
-    model = from_pretrained(resolve_model(base), device=pick_device(cfg.optim.device))
+    model = from_pretrained(resolve_model(base), device=device)
     if not isinstance(model, GPT):
         raise CheckpointError(f"{run_dir}: a LoRA run of recipe {recipe.name!r}; evaluate and "
                               "predict read LoRA runs of causal LMs (sft) only — its figures "
@@ -257,20 +303,20 @@ def run_config(recipe: Recipe, run_dir: Path, overrides: dict[str, Any] | None =
 
 
 def evaluate(run_dir: str | Path, *, data: str | Path,
-             overrides: dict[str, Any] | None = None) -> dict[str, float]:
+             overrides: dict[str, Any] | None = None, device: str = "auto") -> dict[str, float]:
     """Metrics of a fine-tuned model on a labelled file: accuracy, macro-F1 (classification) or
     exact match and F1 (QA). `overrides` change data settings, e.g. {"text_field": "sentence"}."""
-    run = load_run(run_dir, overrides)
+    run = load_run(run_dir, overrides, device=device)
     with torch.inference_mode():
         return run.recipe.evaluate(run, Path(data))
 
 
 def predict(run_dir: str | Path, *, data: str | Path, out: str | Path,
-            overrides: dict[str, Any] | None = None) -> Path:
+            overrides: dict[str, Any] | None = None, device: str = "auto") -> Path:
     """Write predictions for `data` to `out` (JSONL): for classification text, predicted label and
     its probability (and the gold label where the file has one); for QA id, question, answer and
     score, plus the official {id: answer} JSON beside it."""
-    run = load_run(run_dir, overrides)
+    run = load_run(run_dir, overrides, device=device)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
