@@ -47,11 +47,16 @@ def is_validation(relative: str) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < VAL_FRACTION
 
 
+# Validation every EVAL_EVERY steps (the whole split, ~1 s each) draws the curve of loss.png
+# with several points, not a line between "before" and "after".
+EVAL_EVERY = 200
+
+
 def demo_config(*, data: str, minutes: float | None, steps: int | None) -> CausalLMConfig:
     return from_dict(CausalLMConfig, dict(
         data=data, n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32,
         max_steps=steps or 100_000, lr=2e-3, min_lr=2e-4, warmup_steps=100, weight_decay=0.1,
-        beta2=0.99, eval_every=0, eval_tokens=None, save_every=0, keep_last=1,
+        beta2=0.99, eval_every=EVAL_EVERY, eval_tokens=None, save_every=0, keep_last=1,
         max_minutes=None if steps else minutes, tensorboard=True,
     ))
 
@@ -76,6 +81,9 @@ def run_demo(*, out: str | Path, minutes: float = 5.0, steps: int | None = None,
              progress: bool = True, vocab_size: int = 2048) -> DemoResult:
     if minutes <= 0:
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
+    if steps is not None and steps <= 0:
+        raise ConfigError(f"--steps must be positive, got {steps}")
+    demo_config(data=str(Path(out) / "data"), minutes=minutes, steps=steps)  # its checks, now
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists():
@@ -88,9 +96,13 @@ def run_demo(*, out: str | Path, minutes: float = 5.0, steps: int | None = None,
     root, files = stdlib_files()
     val = [f for f in files if is_validation(f.relative_to(root).as_posix())]
     train = [f for f in files if not is_validation(f.relative_to(root).as_posix())]
-    tokenizer = Tokenizer.train_bpe(train, vocab_size=vocab_size)
     data_dir = out / "data"
-    prepare_dataset(train, tokenizer=tokenizer, out_dir=data_dir, val_sources=val)
+    try:
+        tokenizer = Tokenizer.train_bpe(train, vocab_size=vocab_size)
+        prepare_dataset(train, tokenizer=tokenizer, out_dir=data_dir, val_sources=val)
+    except BaseException:  # no half-made demo run left behind (pretraining undoes its own part)
+        shutil.rmtree(out, ignore_errors=True)
+        raise
 
     # The loop fits training and its evaluations into what is left; keep ~25 s for loading,
     # saving, the loss plot, decoding, and this shared machine's drift (a 5-minute run with a

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -74,7 +73,7 @@ def test_compare_prints_every_strategy_with_its_figures(capsys, model_dir):
 @pytest.mark.parametrize("argv, names", [
     (["--logit-bias", "{1: 2}"], ["--logit-bias", "JSON"]),
     (["--early-stopping", "maybe"], ["--early-stopping"]),
-    (["--length-penalty", "2.0"], ["length_penalty", "--num-beams"]),
+    (["--length-penalty", "2.0"], ["--length-penalty", "--num-beams"]),
     (["--compare", "x=[1]"], ["--compare x"]),
     (["--prompt-file", "/nonexistent/prompts.txt"], ["--prompt-file"]),
 ])
@@ -83,9 +82,43 @@ def test_bad_generate_flags(capsys, model_dir, argv, names):
                        names=names)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "0.7"], "--temperature only applies to sampling; pass --do-sample"),
+    (["--top-k", "5", "--top-p", "0.9"],
+     "--top-k and --top-p only apply to sampling; pass --do-sample"),
+    (["--do-sample", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--num-return-sequences", "2"], "--num-return-sequences=2 needs --num-beams >= 2 or "
+                                      "--do-sample; greedy decoding returns one sequence per prompt"),
+])
+def test_generation_errors_speak_in_flags(capsys, model_dir, argv, message):
+    """The library says `do_sample=True`; the command line says the flags its user types."""
+    line = assert_usage_error(capsys, "generate", "--model", model_dir, "--prompt", "def ",
+                              *argv, names=[])
+    assert line == f"lmlab generate: error: {message}"
+
+
 def test_a_model_that_cannot_generate_is_one_line(capsys, tiny_bert_dir):
     """A BERT encoder (or a classifier) has no decoder: one line naming --model, not an
     AttributeError from deep inside."""
     line = assert_usage_error(capsys, "generate", "--model", tiny_bert_dir, "--prompt", "hello",
                               names=["--model", "cannot generate text"])
     assert "Traceback" not in line
+
+
+def test_default_length_adapts_to_a_small_context_window(capsys, model_dir):
+    """No --max-new-tokens: a prompt that leaves less room than the default 20 tokens gets the
+    room left, said once on stderr; the tokens equal the library's with that budget. An explicit
+    length that does not fit stays an error."""
+    model, tok = from_pretrained(model_dir), Tokenizer.from_pretrained(model_dir)
+    prompt = TEXT[:50]  # 50 tokens in a 64-token window: room for 14, not 20
+    code, out, err = run_cli(capsys, "generate", "--model", model_dir, "--prompt", prompt,
+                             "--prompt", prompt[:48])
+    assert code == 0, err
+    notes = err.strip().splitlines()
+    assert len(notes) == 1 and "14 new tokens" in notes[0] and "64" in notes[0], err
+    ids = torch.tensor([tok.encode(prompt)])
+    expected = generate(model, ids, max_new_tokens=14, eos_token_id=[tok.eos_token_id])
+    first = out.split("\n" + prompt[:48], 1)[0]
+    assert first == prompt + tok.decode(expected[0, 50:].tolist(), skip_special_tokens=True)
+    assert_usage_error(capsys, "generate", "--model", model_dir, "--prompt", prompt,
+                       "--max-new-tokens", "20", names=["--max-new-tokens 20", "64"])

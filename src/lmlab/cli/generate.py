@@ -8,7 +8,9 @@ side with tokens/s and quality signals.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from lmlab.generation.config import DEFAULT_MAX_NEW_TOKENS
 from lmlab.generation.protocol import check_decoder
 from lmlab.models import from_pretrained
 from lmlab.tokenizer import Tokenizer
+from lmlab.training.runtime import DEVICE_HELP, pick_device
 
 
 def _json(flag):
@@ -92,6 +95,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompt-file", help="a file with one prompt per line")
     parser.add_argument("--draft-model", help="a smaller model for speculative decoding")
+    add_device_argument(parser)
     parser.add_argument("--compare", nargs="*", metavar="NAME=JSON",
                         help="compare strategies side by side (default: a standard set), e.g. "
                              "greedy={} 'nucleus={\"do_sample\": true, \"top_p\": 0.9}'")
@@ -150,14 +154,32 @@ def knobs_from(args, model) -> dict:
     return knobs
 
 
+# The library's errors name GenerationConfig's parameters; the command line says its flags.
+FLAGS = {"do_sample": "--do-sample", "stop_strings": "--stop",
+         **{name: "--" + name.replace("_", "-") for name in KNOBS}}
+
+
+def in_flag_words(message: str) -> str:
+    """A library message in the command line's words: each parameter it names becomes its flag
+    (`top_p` → `--top-p`, `do_sample=True` → `--do-sample`); other words stay as they are."""
+    message = message.replace("do_sample=True", "do_sample")
+    return re.sub(r"(?<![\w-])[a-z]+(?:_[a-z]+)*\b", lambda m: FLAGS.get(m[0], m[0]), message)
+
+
 def _config_error(err: ValueError) -> ConfigError:
-    message = str(err).replace("do_sample=True", "--do-sample").replace("num_beams", "--num-beams")
-    return ConfigError(message)
+    return ConfigError(in_flag_words(str(err)))
 
 
-def load_decoder(path: str, *, flag: str = "--model"):
-    """A model that can generate text, or a one-line error naming the flag."""
-    model = from_pretrained(path)
+def add_device_argument(parser) -> None:
+    """--device: where every command that runs a model runs it (lmlab.training.runtime's rule)."""
+    parser.add_argument("--device", default="auto", help=f"where the model runs: {DEVICE_HELP} "
+                        "(default auto)")
+
+
+def load_decoder(path: str, *, flag: str = "--model", device: torch.device | None = None):
+    """A model that can generate text (on `device`, the CPU by default), or a one-line error
+    naming the flag."""
+    model = from_pretrained(path, device=device)
     try:
         check_decoder(model)
     except TypeError as err:
@@ -167,8 +189,10 @@ def load_decoder(path: str, *, flag: str = "--model"):
 
 def run(args) -> int:
     prompts = read_prompts(args)
-    model = load_decoder(args.model)
+    device = pick_device(args.device, flag="--device")
+    model = load_decoder(args.model, device=device)
     tokenizer = Tokenizer.from_pretrained(args.model)
+    tokenizer.check_fits(model.config.vocab_size, where=args.model)
     knobs = knobs_from(args, model)
     if args.compare is not None:
         return run_compare(args, model, tokenizer, prompts, knobs)
@@ -176,13 +200,15 @@ def run(args) -> int:
         config = GenerationConfig(**knobs)
     except ValueError as err:
         raise _config_error(err) from None
-    draft = load_decoder(args.draft_model, flag="--draft-model") if args.draft_model else None
+    draft = (load_decoder(args.draft_model, flag="--draft-model", device=device)
+             if args.draft_model else None)
     for prompt in prompts:
         ids = torch.tensor([tokenizer.encode(prompt)])
         try:
             new = config.new_tokens_for(ids.shape[1])
         except ValueError as err:
             raise ConfigError(f"--max-length: {err}") from None
+        config, knobs = fit_default_length(config, knobs, ids.shape[1], model, args)
         try:  # the library's one context-window check, said in the command line's words
             config.budget(ids.shape[1], model=model)
         except ValueError:
@@ -207,6 +233,24 @@ def run(args) -> int:
         for row in out:
             print(prompt + tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True))
     return 0
+
+
+def fit_default_length(config: GenerationConfig, knobs: dict, prompt_len: int, model, args):
+    """The default length budget adapts to the model at hand: with no --max-new-tokens or
+    --max-length, a prompt that leaves less room than the default in the context window gets
+    the room left (said once on stderr), instead of an error about a number the user never set.
+    An explicit length is honoured or refused, never changed."""
+    window = getattr(model, "context_window", None)
+    if (args.max_new_tokens is not None or args.max_length is not None or window is None
+            or prompt_len + config.max_new_tokens <= window or prompt_len >= window):
+        return config, knobs
+    room = window - prompt_len
+    if not getattr(args, "_told_about_length", False):
+        print(f"lmlab generate: note: {room} new tokens (the room left in the model's context "
+              f"window of {window} after a {prompt_len}-token prompt) instead of the default "
+              f"{config.max_new_tokens}", file=sys.stderr)
+        args._told_about_length = True
+    return dataclasses.replace(config, max_new_tokens=room), {**knobs, "max_new_tokens": room}
 
 
 def run_compare(args, model, tokenizer, prompts, knobs) -> int:
