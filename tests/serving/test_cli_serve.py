@@ -89,3 +89,20 @@ def test_open_address_without_key_warns_and_a_failed_load_exits_2(tmp_path, monk
     assert "without an API key" in caplog.text
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("lmlab serve: error: --model")
+
+
+def test_weights_that_fail_to_load_are_one_line_and_the_server_exits(tiny_gpt_dir, tmp_path):
+    """A truncated model.safetensors: the real server starts, the load fails, and stderr holds
+    only the command's error line (not also the app's log line or a "listening" line)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (broken / name).write_bytes((tiny_gpt_dir / name).read_bytes())
+    (broken / "model.safetensors").write_bytes((tiny_gpt_dir / "model.safetensors").read_bytes()[:64])
+    done = subprocess.run([sys.executable, "-m", "lmlab", "serve", "--model", str(broken),
+                           "--port", str(free_port())], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("lmlab serve: error: --model") and "model.safetensors" in lines[0]

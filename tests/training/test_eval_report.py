@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 
 import torch
@@ -36,7 +37,9 @@ def test_each_evaluation_is_one_line_with_epoch_train_loss_figures_and_best(tmp_
         assert abs(float(match[2]) - expected) < 1e-4
 
 
-def test_step_based_runs_count_steps_and_no_progress_prints_nothing(tmp_path, capsys):
+def test_step_based_runs_count_steps_and_without_a_bar_the_line_is_logged(tmp_path, capsys,
+                                                                          caplog):
+    caplog.set_level(logging.INFO, logger="lmlab")
     task = ScriptedMetrics(make_task(corpus()), [0.5, 0.4])
     train(tiny_model(), task, loop_config(max_steps=10, eval_every=5, metric="accuracy",
                                           progress=True), run_dir=tmp_path / "a", device=CPU)
@@ -46,4 +49,6 @@ def test_step_based_runs_count_steps_and_no_progress_prints_nothing(tmp_path, ca
     train(tiny_model(), ScriptedMetrics(make_task(corpus()), [0.5]),
           loop_config(max_steps=10, eval_every=5, metric="accuracy"), run_dir=tmp_path / "b",
           device=CPU)
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out == ""  # no bar: the line goes to the log (stderr in the CLI)
+    assert [r.getMessage().split(":")[0] for r in caplog.records
+            if r.getMessage().startswith("step ")] == ["step 5/10", "step 10/10"]

@@ -73,6 +73,9 @@ def run(args) -> int:
                           max_body_bytes=args.max_body_bytes)
 
     failed: list[str] = []
+    # A failed load is this command's one error line (at the end), not also the app's log line.
+    app_log = logging.getLogger("lmlab.serving.app")
+    app_log.setLevel(logging.CRITICAL)
 
     def load():
         try:
@@ -85,13 +88,14 @@ def run(args) -> int:
             failed.append(str(error))
             server.should_exit = True
             raise
-        log.info("lmlab serve: %s ready as %r", args.model, config.model_name)
+        app_log.setLevel(logging.NOTSET)  # loaded: the app reports its own errors again
+        log.info("lmlab serve: %s ready as %r at http://%s:%d (chat page at /, API at /v1)",
+                 args.model, config.model_name, args.host, args.port)
         return model.eval(), tokenizer
 
     app = create_app(config, load=load)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="warning"))
-    log.info("lmlab serve: http://%s:%d (chat page at /, API at /v1)", args.host, args.port)
     server.run()
     if failed:
         raise ConfigError(f"--model {args.model}: {failed[0]}")

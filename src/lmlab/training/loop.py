@@ -305,12 +305,16 @@ class _Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------
     def measure(self, *, final: bool = False) -> dict[str, float]:
-        """Every rank evaluates (an FSDP forward needs them all); rank 0's figures are used, so
-        decisions taken on them (best, early stopping) agree everywhere."""
-        self.model.eval()
-        with autocast(self.device, self.amp_dtype):
-            metrics = self.task.evaluate(self.model, final=final)
-        self.model.train()
+        """Rank 0's figures on every rank, so that decisions taken on them (best, early
+        stopping) agree everywhere. Under DDP rank 0 alone evaluates — on the whole validation
+        data, with the weights every rank holds: one process's figures — while the others wait
+        for them; an FSDP forward needs every rank's shards, so there all ranks evaluate."""
+        metrics: dict[str, float] = {}
+        if self.dist.is_main or self.dist.parallel == "fsdp":
+            self.model.eval()
+            with autocast(self.device, self.amp_dtype):
+                metrics = self.task.evaluate(self.model, final=final)
+            self.model.train()
         return self.dist.broadcast({k: float(v) for k, v in metrics.items()})
 
     def evaluate(self, *, final: bool = False) -> dict[str, float]:
@@ -330,16 +334,20 @@ class _Trainer:
         """The console's line per evaluation after training steps (the one before training is
         the command's to report): where the run is, the mean training loss since the last
         evaluation, the figures, and whether they are the best so far. tqdm.write puts it
-        above the progress bar instead of through it."""
+        above the progress bar instead of through it; without a bar it is a log line."""
         losses, self.losses_since_eval = self.losses_since_eval, []
-        if not (self.cfg.progress and self.dist.is_main and self.step > 0):
+        if not (self.dist.is_main and self.step > 0):
             return
         per_epoch = self.cfg.steps_per_epoch
         where = (f"epoch {self.step / per_epoch:.3g}/{self.max_steps / per_epoch:.3g}"
                  if per_epoch else f"step {self.step}/{self.max_steps}")
         parts = [f"train loss {float(torch.stack(losses).mean()):.4f}"] if losses else []
         parts += [f"{name} {value:.4g}" for name, value in metrics.items()]
-        tqdm.write(f"{where}: {', '.join(parts)}{' (best)' if best else ''}")
+        line = f"{where}: {', '.join(parts)}{' (best)' if best else ''}"
+        if self.cfg.progress:
+            tqdm.write(line)
+        else:
+            log.info("%s", line)
 
     def restore_best(self) -> None:
         best = ckpt_io.best_checkpoint(self.run_dir) if self.dist.is_main else None
@@ -458,7 +466,7 @@ class _Trainer:
                    unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.dist.is_main))
         if not self.budget_fixed:
-            bar.set_postfix_str(f"timing steps for a {optim.max_minutes:g}-minute budget")
+            bar.set_postfix_str(f"timing steps to fit the {optim.max_minutes * 60:.0f} s budget")
         self.bad_in_a_row, train_loss = 0, None
         stopped_early = self.tracker.should_stop  # resuming a run that had stopped early
         t_calibrate = time.perf_counter()
