@@ -17,8 +17,8 @@ tell "skipped" from "passed".
 What it checks: pretraining a tiny GPT and a tiny BERT (bf16, fp32 with activation
 checkpointing, torch.compile), --resume, DDP and FSDP2 over real NCCL in a process group of
 size 1 (LMLAB_FORCE_DISTRIBUTED=1 under torchrun — without it one process never starts them),
-FSDP with --device cpu (gloo) on the GPU machine, fine-tuning classification and QA, evaluate
-and predict, every decoding strategy and logits processor on CUDA (greedy and beam
+FSDP with --device cpu (gloo) on the GPU machine, fine-tuning classification and QA (and
+classification under forced DDP over NCCL), evaluate and predict, every decoding strategy and logits processor on CUDA (greedy and beam
 token-identical to the same model on the CPU in fp32; seeded runs repeat), a bf16 model, a
 detector that fails when a large op of a GPU run executes on the CPU, and `lmlab generate` /
 `lmlab serve` on the GPU.
@@ -232,6 +232,23 @@ def step_finetune_cls(ctx: Ctx) -> None:
     expect(len(rows) == CLS_VAL, f"predict wrote {len(rows)} rows, expected {CLS_VAL}")
 
 
+def step_finetune_ddp(ctx: Ctx) -> None:
+    """`lmlab finetune` under torchrun: DDP over NCCL in a process group of one (forced), one
+    epoch of classification; rank 0 evaluates and writes the run."""
+    out, data = ctx.work / "runs" / "cls-ddp", ctx.work / "cls"
+    proc = ctx.torchrun("finetune", "classification", "--model", ctx.work / "runs" / "bert-bf16",
+                        "--train", data / "train.jsonl", "--validation",
+                        data / "validation.jsonl", "--out", out, "--max_length", 32,
+                        "--batch_size", 16, "--epochs", 1, "--lr", 1e-3, "--no-progress",
+                        "--precision", "bf16", "--device", DEVICE,
+                        env={"LMLAB_FORCE_DISTRIBUTED": "1"})
+    expect(f"{BACKEND} backend" in proc.stderr and "(forced)" in proc.stderr,
+           f"finetune: the {BACKEND} process group was not started (no log line)")
+    best = json.loads((out / "results.json").read_text())["validation"]
+    expect(0 <= best.get("val_accuracy", -1) <= 1, f"finetune under DDP: validation {best}")
+    expect((out / "model.safetensors").is_file(), "finetune under DDP: no model saved")
+
+
 def step_finetune_qa(ctx: Ctx) -> None:
     out, data = ctx.work / "runs" / "qa", ctx.work / "qa"
     ctx.lmlab("finetune", "qa", "--model", ctx.work / "runs" / "bert-bf16",
@@ -341,6 +358,8 @@ STEPS = [
          step_fsdp_cpu, needs=("data",)),
     Step("finetune-classification", 120, "fine-tune the BERT for classification; evaluate "
          "and predict --device cuda", step_finetune_cls, needs=("pretrain-bert-bf16",)),
+    Step("finetune-ddp-nccl", 90, "fine-tune classification under torchrun: DDP over NCCL, "
+         "process group of 1 (forced)", step_finetune_ddp, needs=("pretrain-bert-bf16",)),
     Step("finetune-qa", 120, "fine-tune the BERT for extractive QA; evaluate and predict",
          step_finetune_qa, needs=("pretrain-bert-bf16",)),
     Step("decode-parity", 90, "greedy and beam on CUDA token-identical to the CPU (fp32), "

@@ -1,5 +1,5 @@
 """Helpers of the `torchrun --nproc_per_node=2` tests (gloo, CPU): launch a 2-rank `lmlab
-pretrain`, and compare its run with one process's — losses within 1e-5, weights within
+pretrain` (or any lmlab command), and compare its run with one process's — losses within 1e-5, weights within
 rounding."""
 
 from __future__ import annotations
@@ -32,10 +32,15 @@ def torchrun_pretrain(data: Path, out: Path, config: dict, *extra: str,
     """`lmlab pretrain` on 2 ranks with `config` as --key=value flags; fails the test with the
     end of stderr when it does not exit 0."""
     flags = [f"--{key}={value}" for key, value in config.items()]
+    return torchrun_lmlab("pretrain", "--data", str(data), "--out", str(out), "--no-progress",
+                          *flags, *extra, timeout=timeout)
+
+
+def torchrun_lmlab(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`lmlab ARGS…` on 2 ranks; fails the test with the end of stderr when it does not exit 0."""
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={free_port()}", "-m", "lmlab", "pretrain", "--data", str(data),
-         "--out", str(out), "--no-progress", *flags, *extra],
+         f"--master_port={free_port()}", "-m", "lmlab", *args],
         env=ENV, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done

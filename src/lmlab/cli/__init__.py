@@ -28,6 +28,8 @@ COMMANDS = {
     "lora": ("lmlab.cli.lora", "LoRA adapters: merge one into its base model"),
     "chat": ("lmlab.cli.chat", "talk with a causal language model in the terminal"),
     "serve": ("lmlab.cli.serve", "an OpenAI-compatible HTTP server with continuous batching"),
+    "eval": ("lmlab.cli.eval", "perplexity, lm-evaluation-harness tasks, decoding strategies compared"),
+    "qa": ("lmlab.cli.qa", "open-domain QA: index a corpus (BM25 + dense), answer questions from it"),
     "plot": ("lmlab.cli.plot", "draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl"),
 }
 
@@ -39,6 +41,15 @@ def add_resume_argument(parser: argparse.ArgumentParser) -> None:
                         metavar="auto",
                         help="continue from RUN_DIR's latest checkpoint (an error if it has "
                              "none); --resume auto: continue if there is one, else start afresh")
+
+
+def rank_zero_speaks():
+    """`print` on rank 0, a no-op on the other ranks under torchrun, whose log is cut to errors:
+    the commands that train speak once for all their processes."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return print
+    logging.getLogger().setLevel(logging.ERROR)
+    return lambda *_: None
 
 
 class ConfigKeysHelp(argparse.Action):

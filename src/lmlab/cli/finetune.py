@@ -3,7 +3,7 @@ named TASK (lmlab.recipes, command "finetune")."""
 
 from __future__ import annotations
 
-from lmlab.cli import add_resume_argument
+from lmlab.cli import add_resume_argument, rank_zero_speaks
 from lmlab.config import parse_overrides
 from lmlab.errors import ConfigError
 from lmlab.recipes import find_recipe, load_recipe_config, recipes_for
@@ -26,7 +26,9 @@ def add_arguments(parser) -> None:
                         help="print the first N training examples with the trained tokens "
                              "marked ⟦…⟧, then exit (sft)")
     parser.epilog = ("Any config key can be overridden: --model DIR --train FILE --validation FILE "
-                     "--test FILE --epochs 3 --lr 5e-5 …")
+                     "--test FILE --epochs 3 --lr 5e-5 … Launch with `torchrun --nproc_per_node=N "
+                     "-m lmlab finetune …` for data-parallel training (DDP; batch_size is per "
+                     "process).")
     parser.set_defaults(_accepts_overrides=True)
 
 
@@ -42,17 +44,18 @@ def run(args) -> int:
         return 0
     if args.out is None:
         raise ConfigError("--out RUN_DIR is required")
-    print("resolved config:\n" + config_text(recipe.name, cfg))
+    say = rank_zero_speaks()  # under torchrun; the others report errors only
+    say("resolved config:\n" + config_text(recipe.name, cfg))
     out = recipe.run(cfg, run_dir=args.out, resume=args.resume, progress=not args.no_progress)
     r = out.train
-    print(f"{r.steps} steps{' (stopped early)' if r.stopped_early else ''}, "
-          f"{r.train_seconds:.1f} s training, {out.wall_seconds:.1f} s in all")
-    print(f"best validation (step {r.best_step}): {format_metrics(out.validation)}")
+    say(f"{r.steps} steps{' (stopped early)' if r.stopped_early else ''}, "
+        f"{r.train_seconds:.1f} s training, {out.wall_seconds:.1f} s in all")
+    say(f"best validation (step {r.best_step}): {format_metrics(out.validation)}")
     if out.test:
-        print(f"test: {format_metrics(out.test)}")
-    print(f"model: {out.run_dir} (lmlab.from_pretrained('{out.run_dir}'))")
+        say(f"test: {format_metrics(out.test)}")
+    say(f"model: {out.run_dir} (lmlab.from_pretrained('{out.run_dir}'))")
     if out.predictions:
-        print(f"predictions: {out.predictions}")
+        say(f"predictions: {out.predictions}")
     return 0
 
 

@@ -3,10 +3,7 @@ recipe the objective names (lmlab.recipes, command "pretrain")."""
 
 from __future__ import annotations
 
-import logging
-import os
-
-from lmlab.cli import add_resume_argument
+from lmlab.cli import add_resume_argument, rank_zero_speaks
 from lmlab.config import parse_overrides
 from lmlab.recipes import recipes_for
 from lmlab.recipes.pretraining import pretrain_recipe
@@ -36,11 +33,7 @@ def run(args) -> int:
     if args.objective is not None:
         overrides["objective"] = args.objective
     recipe, cfg = pretrain_recipe(args.config, overrides)
-    # Under torchrun only rank 0 speaks; the others report errors only.
-    main = int(os.environ.get("RANK", "0")) == 0
-    if not main:
-        logging.getLogger().setLevel(logging.ERROR)
-    say = print if main else (lambda *_: None)
+    say = rank_zero_speaks()  # under torchrun; the others report errors only
     say("resolved config:\n" + config_text(recipe.name, cfg))
     out = recipe.run(cfg, run_dir=args.out, resume=args.resume, progress=not args.no_progress)
     r = out.result

@@ -91,7 +91,7 @@ def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str |
                             resume: bool = False, progress: bool = True) -> FinetuneResult:
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    device, model_dir = start(cfg, run_dir, resume=resume)
+    dist, device, model_dir = start(cfg, run_dir, resume=resume)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     train_examples = read_examples(cfg, cfg.train)
     labels = clf.infer_labels(train_examples)
@@ -101,14 +101,17 @@ def finetune_classification(cfg: FinetuneClassificationConfig, *, run_dir: str |
     train_data = clf.encode(tokenizer, train_examples, labels, max_length=cfg.max_length)
     val = read_encoded(cfg, cfg.validation, labels, tokenizer)
     test = read_encoded(cfg, cfg.test, labels, tokenizer) if cfg.test else None
-    model = adapt(cfg, build_classifier(model_dir, labels, tokenizer)).to(device)
+    model = dist.place(adapt(cfg, build_classifier(model_dir, labels, tokenizer)), device)
     check_model(cfg, model, tokenizer, model_dir)
     task = clf.ClassificationTask(
-        train=train_data, val=val[1], plan=cfg.plan(train_data.lengths), num_labels=len(labels),
+        train=train_data, val=val[1], plan=cfg.plan(train_data.lengths, dist),
+        num_labels=len(labels),
         device=device, pad_id=pad_id(tokenizer), token_types=uses_token_types(model),
         eval_batch_size=cfg.eval_size, exclude_label=exclude_id(cfg, labels))
     result = train_epochs(cfg, model, task, recipe="classification", run_dir=run_dir,
-                          device=device, resume=resume, progress=progress)
+                          device=device, dist=dist, resume=resume, progress=progress)
+    if not dist.is_main:  # under torchrun rank 0 alone saves and reports
+        return finish(run_dir, result, started=t0, test=None, predictions=None, write=False)
     run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length,
                          base=model_dir)
     split, (examples, data) = ("test", test) if test else ("validation", val)

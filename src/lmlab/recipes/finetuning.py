@@ -30,6 +30,7 @@ from lmlab.recipes import run_steps
 from lmlab.recipes.registry import Recipe, recipe_of_run
 from lmlab.tasks.batching import EpochPlan
 from lmlab.tokenizer import Tokenizer
+from lmlab.training.distributed import Distributed, from_environment
 from lmlab.training.loop import LoopConfig, OptimConfig, TrainResult, train
 from lmlab.training.runtime import autocast_dtype, pick_device
 
@@ -82,11 +83,13 @@ class FinetuneConfig:
             raise ConfigError(f"metric: a validation figure such as val_accuracy, got "
                               f"{self.optim.metric!r}")
 
-    def plan(self, lengths) -> EpochPlan:
-        """The epoch-based batching of training examples (or QA windows) of these lengths."""
+    def plan(self, lengths, dist: Distributed) -> EpochPlan:
+        """The epoch-based batching of training examples (or QA windows) of these lengths:
+        every step's global batch, and this rank's share of it."""
         return EpochPlan(lengths, batch_size=self.optim.batch_size,
                          grad_accum=self.optim.grad_accum, seed=self.optim.seed,
-                         group_by_length=self.group_by_length)
+                         group_by_length=self.group_by_length, rank=dist.rank,
+                         world_size=dist.world_size)
 
     @property
     def eval_size(self) -> int:
@@ -112,12 +115,15 @@ class FinetuneResult:
 
 
 def finish(run_dir: Path, result: TrainResult, *, started: float, test: dict[str, float] | None,
-           predictions: Path | None, extra: dict[str, Any] | None = None) -> FinetuneResult:
+           predictions: Path | None, extra: dict[str, Any] | None = None,
+           write: bool = True) -> FinetuneResult:
     """results.json (the best epoch's validation figures, the test figures when there is a test
-    split, timings, and the recipe's `extra` figures) and the run's result."""
+    split, timings, and the recipe's `extra` figures) and the run's result. `write` False: the
+    result only (the ranks other than 0 under torchrun)."""
     wall = time.perf_counter() - started
     extra = {**(extra or {}), **({"test": test} if test is not None else {})}
-    run_steps.write_results(run_dir, result, wall_seconds=wall, extra=extra)
+    if write:
+        run_steps.write_results(run_dir, result, wall_seconds=wall, extra=extra)
     return FinetuneResult(run_dir=run_dir, train=result,
                           validation=result.best_metrics or result.metrics, test=test or {},
                           wall_seconds=wall, predictions=predictions)
@@ -140,16 +146,21 @@ def resolve_model(name: str) -> Path:
     return path
 
 
-def start(cfg: FinetuneConfig, run_dir: Path, *, resume: bool) -> tuple[torch.device, Path]:
-    """Check the inputs and RUN_DIR, seed, pick the device, and find the pretrained model.
-    Nothing is written: RUN_DIR and its config come once the run can start (train_epochs)."""
+def start(cfg: FinetuneConfig, run_dir: Path, *,
+          resume: bool) -> tuple[Distributed, torch.device, Path]:
+    """Check the inputs and RUN_DIR, seed, join the process group `torchrun` describes (DDP;
+    alone without torchrun: pretraining's from_environment), pick the device, and find the
+    pretrained model. Nothing is written: RUN_DIR and its config come once the run can start
+    (train_epochs), which also leaves the group when training ends. Every rank seeds alike, so
+    a new head or LoRA adapter starts the same everywhere."""
     for name in ("train", "validation"):
         if getattr(cfg, name) is None:
             raise ConfigError(f"{name}: no {name} file; pass --{name} FILE")
     model_dir = resolve_model(cfg.model)
     run_steps.check_run_dir(run_dir, resume=resume)
     run_steps.seed_everything(cfg.optim.seed)
-    return pick_device(cfg.optim.device), model_dir
+    dist, device = from_environment("ddp", cfg.optim.device)
+    return dist, device, model_dir
 
 
 def family_class(model_dir: Path, classes: dict[type, Callable[..., Any]]) -> type | None:
@@ -222,10 +233,14 @@ def short_schedule(cfg: FinetuneConfig, *, examples: int, global_batch: int) -> 
 
 
 def train_epochs(cfg: FinetuneConfig, model, task, *, recipe: str, run_dir: Path,
-                 device: torch.device, resume: bool, progress: bool) -> TrainResult:
+                 device: torch.device, dist: Distributed, resume: bool,
+                 progress: bool) -> TrainResult:
     """RUN_DIR's train_config.yaml (everything checked, the run starts now), then the loop over
-    `cfg.epochs` epochs of the task's plan."""
-    run_steps.write_config(run_dir, recipe, cfg)
+    `cfg.epochs` epochs of the task's plan — under torchrun on every rank, DDP-wrapped by the
+    loop, each rank on its share of every batch — and the process group left: what follows
+    (the model, predictions, results) is rank 0's alone and needs no other rank."""
+    if dist.is_main:
+        run_steps.write_config(run_dir, recipe, cfg)
     tokens, steps_per_epoch = int(task.plan.lengths.sum()), task.plan.steps_per_epoch
     loop = cfg.loop_config(steps_per_epoch, progress=progress)
     log.info("%d examples → %d steps per epoch, %d steps; %d tokens per epoch",
@@ -233,9 +248,16 @@ def train_epochs(cfg: FinetuneConfig, model, task, *, recipe: str, run_dir: Path
     if (warning := short_schedule(cfg, examples=int(task.plan.lengths.size),
                                   global_batch=task.plan.global_batch)) is not None:
         log.warning(warning)
-    return train(model, task, loop, run_dir=run_dir, device=device,
-                 amp_dtype=autocast_dtype(device, cfg.optim.precision), resume=resume,
-                 tokens_per_step=tokens // steps_per_epoch)
+    if dist.rank:  # a random stream of its own (dropout); rank 0 keeps one process's stream
+        run_steps.seed_everything(cfg.optim.seed + dist.rank)
+    try:
+        result = train(model, task, loop, run_dir=run_dir, device=device,
+                       amp_dtype=autocast_dtype(device, cfg.optim.precision), resume=resume,
+                       tokens_per_step=tokens // steps_per_epoch, dist=dist)
+        dist.barrier()
+    finally:
+        dist.close()
+    return result
 
 
 # -- a fine-tuned run, read back -----------------------------------------------------------------

@@ -76,7 +76,7 @@ def finetune_qa(cfg: FinetuneQAConfig, *, run_dir: str | Path, resume: bool = Fa
                 progress: bool = True) -> FinetuneResult:
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    device, model_dir = start(cfg, run_dir, resume=resume)
+    dist, device, model_dir = start(cfg, run_dir, resume=resume)
     cls = family_class(model_dir, SPAN_MODELS)
     if cls is None:
         raise ConfigError(f"model: {model_dir} is not a BERT encoder; extractive QA needs one")
@@ -84,12 +84,14 @@ def finetune_qa(cfg: FinetuneQAConfig, *, run_dir: str | Path, resume: bool = Fa
     _, train_windows = read_windows(cfg, cfg.train, cfg.train_titles, tokenizer)
     val = read_windows(cfg, cfg.validation, cfg.validation_titles, tokenizer)
     test = read_windows(cfg, cfg.test, cfg.test_titles, tokenizer) if cfg.test else None
-    model = adapt(cfg, SPAN_MODELS[cls](model_dir)).to(device)
+    model = dist.place(adapt(cfg, SPAN_MODELS[cls](model_dir)), device)
     check_model(cfg, model, tokenizer, model_dir)
     task = _task(cfg, tokenizer, device, train=train_windows, val=val,
-                 plan=cfg.plan(train_windows.lengths))
+                 plan=cfg.plan(train_windows.lengths, dist))
     result = train_epochs(cfg, model, task, recipe="qa", run_dir=run_dir,
-                          device=device, resume=resume, progress=progress)
+                          device=device, dist=dist, resume=resume, progress=progress)
+    if not dist.is_main:  # under torchrun rank 0 alone saves and reports
+        return finish(run_dir, result, started=t0, test=None, predictions=None, write=False)
     run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length,
                          base=model_dir)
     split, (examples, windows) = ("test", test) if test else ("validation", val)

@@ -183,17 +183,22 @@ def finetune_sft(cfg: SFTConfig, *, run_dir: str | Path, resume: bool = False,
     run_steps.seed_everything(cfg.optim.seed)  # LoRA's initial adapters come from the seed
     model = adapt(cfg, load_causal_lm(model_dir))
     check_model(cfg, model, tokenizer, model_dir)
-    device, _ = start(cfg, run_dir, resume=resume)
-    model = model.to(device)
+    dist, device, _ = start(cfg, run_dir, resume=resume)
+    model = dist.place(model, device)
     task = sft.SFTTask(train=train_data, val=val_data, batch_size=cfg.optim.batch_size,
                        grad_accum=cfg.optim.grad_accum, seed=cfg.optim.seed, device=device,
                        pad_id=pad_id(tokenizer), max_length=cfg.max_length, packing=cfg.packing,
-                       group_by_length=cfg.group_by_length, eval_batch_size=cfg.eval_size)
-    model.eval()
-    before = task.evaluate(model)
-    model.train()
+                       group_by_length=cfg.group_by_length, eval_batch_size=cfg.eval_size,
+                       rank=dist.rank, world_size=dist.world_size)
+    before = None
+    if dist.is_main:  # the figures before training: rank 0's to report, as evaluations are
+        model.eval()
+        before = task.evaluate(model)
+        model.train()
     result = train_epochs(cfg, model, task, recipe="sft", run_dir=run_dir,
-                          device=device, resume=resume, progress=progress)
+                          device=device, dist=dist, resume=resume, progress=progress)
+    if not dist.is_main:  # under torchrun rank 0 alone saves and reports
+        return finish(run_dir, result, started=t0, test=None, predictions=None, write=False)
     run_steps.save_model(model, tokenizer, run_dir, max_length=cfg.max_length, base=model_dir)
     model.eval()
     test = None

@@ -45,9 +45,15 @@ class EpochPlan:
 
     def micro_batches(self, step: int) -> list[np.ndarray]:
         """This rank's share of the global batch (strided, so lengths stay alike), split into
-        micro-batches."""
+        micro-batches. Empty when the step's batch — the last of an epoch — holds fewer examples
+        than there are ranks and this rank gets none: the task then trains a `stand_in`."""
         mine = self.batch(step)[self.rank::self.world_size]
         return [mine[i:i + self.batch_size] for i in range(0, mine.size, self.batch_size)]
+
+    def stand_in(self, step: int) -> np.ndarray:
+        """The rows a rank with no example in `step` runs without targets (`without_targets`):
+        DDP's gradient all-reduce needs a backward from every rank, and this one adds zeros."""
+        return self.batch(step)[:1]
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -61,6 +67,19 @@ class EpochPlan:
             part = part[np.argsort(-self.lengths[part], kind="stable")]
             batches.extend(part[i:i + self.global_batch] for i in range(0, part.size, self.global_batch))
         return [batches[i] for i in rng.permutation(len(batches))]
+
+
+# A micro-batch marked so (by `without_targets`) counts no targets and its loss adds nothing.
+NO_TARGETS = "no_targets"
+
+
+def without_targets(batch: dict, keys: Sequence[str]) -> dict:
+    """`batch` (a rank's stand-in, EpochPlan.stand_in) with the targets under `keys` set to -100,
+    cross-entropy's ignore_index: its loss is a zero that still reaches every parameter."""
+    for key in keys:
+        batch[key] = torch.full_like(batch[key], -100)
+    batch[NO_TARGETS] = True
+    return batch
 
 
 def pad_rows(rows: Sequence[np.ndarray], pad: int) -> torch.Tensor:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.evaluation.classification import classification_metrics
-from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows, to_device
+from lmlab.tasks.batching import (NO_TARGETS, EpochPlan, length_sorted_batches, pad_rows,
+                                  to_device, without_targets)
 from lmlab.tokenizer import Tokenizer
 
 FORMATS = ("auto", "jsonl", "csv", "tsv")
@@ -230,11 +231,16 @@ class ClassificationTask:
         self.last_val_probs: np.ndarray | None = None
 
     def train_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        return [collate(self.train, rows, pad_id=self.pad_id, token_types=self.token_types,
-                        device=self.device) for rows in self.plan.micro_batches(step)]
+        def batch(rows):
+            return collate(self.train, rows, pad_id=self.pad_id, token_types=self.token_types,
+                           device=self.device)
+
+        shares = self.plan.micro_batches(step)
+        return ([batch(rows) for rows in shares] if shares
+                else [without_targets(batch(self.plan.stand_in(step)), ["labels"])])
 
     def num_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["labels"].numel()
+        return 0 if batch.get(NO_TARGETS) else batch["labels"].numel()
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy over the batch's examples (the loop normalises)."""

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from lmlab.errors import DataError
 from lmlab.evaluation.squad import squad_scores
-from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows, to_device
+from lmlab.tasks.batching import (NO_TARGETS, EpochPlan, length_sorted_batches, pad_rows,
+                                  to_device, without_targets)
 from lmlab.tokenizer import Tokenizer
 
 
@@ -240,11 +241,16 @@ class QATask:
         self.n_best, self.max_answer_length = n_best, max_answer_length
 
     def train_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        shares = self.plan.micro_batches(step)
+        if not shares:  # no window for this rank in this step (EpochPlan.micro_batches)
+            stand_in = collate(self.train, self.plan.stand_in(step), pad_id=self.pad_id,
+                               device=self.device)
+            return [without_targets(stand_in, ["start_positions", "end_positions"])]
         return [collate(self.train, rows, pad_id=self.pad_id, device=self.device)
-                for rows in self.plan.micro_batches(step)]
+                for rows in shares]
 
     def num_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["start_positions"].numel()
+        return 0 if batch.get(NO_TARGETS) else batch["start_positions"].numel()
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return summed_span_loss(*span_logits_of(model, batch), batch)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lmlab.errors import ConfigError, DataError
-from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows
+from lmlab.tasks.batching import EpochPlan, length_sorted_batches, pad_rows, without_targets
 from lmlab.tasks.classification import iter_records
 from lmlab.tasks.losses import summed_cross_entropy
 from lmlab.tokenizer import Tokenizer
@@ -358,22 +358,28 @@ class SFTTask:
     def __init__(self, *, train: Sequence[EncodedExample], val: Sequence[EncodedExample] | None,
                  batch_size: int, grad_accum: int = 1, seed: int, device: torch.device,
                  pad_id: int, max_length: int, packing: bool = False,
-                 group_by_length: bool = True, eval_batch_size: int = 32):
+                 group_by_length: bool = True, eval_batch_size: int = 32, rank: int = 0,
+                 world_size: int = 1):
         self.train, self.val = list(train), list(val or [])
         self.device, self.pad_id, self.eval_batch_size = device, pad_id, eval_batch_size
         self.groups = (pack(self.train, max_length).sequences if packing
                        else [[i] for i in range(len(self.train))])
         lengths = [sum(len(self.train[i].ids) for i in g) for g in self.groups]
         self.plan = EpochPlan(lengths, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-                              group_by_length=group_by_length)
+                              group_by_length=group_by_length, rank=rank, world_size=world_size)
 
     @property
     def tokens_per_epoch(self) -> int:
         return int(sum(len(e.ids) for e in self.train))
 
     def train_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        return [collate(self.train, [self.groups[r] for r in rows], pad_id=self.pad_id,
-                        device=self.device) for rows in self.plan.micro_batches(step)]
+        def batch(rows):
+            return collate(self.train, [self.groups[r] for r in rows], pad_id=self.pad_id,
+                           device=self.device)
+
+        shares = self.plan.micro_batches(step)
+        return ([batch(rows) for rows in shares] if shares  # all labels IGNORE: no targets
+                else [without_targets(batch(self.plan.stand_in(step)), ["labels"])])
 
     def num_targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE).sum())
