@@ -1,4 +1,5 @@
-"""`lmlab generate`: every knob reaches generate(), prompts from files, --compare's table."""
+"""`lmlab generate`: every knob reaches generate(), prompts from files, --compare's table
+(lmlab eval generation's code, tested in tests/evaluation/test_generation_eval.py)."""
 
 from __future__ import annotations
 
@@ -57,17 +58,26 @@ def test_prompts_from_a_file_and_beam_search(capsys, model_dir, tmp_path):
 
 
 def test_compare_prints_every_strategy_with_its_figures(capsys, model_dir):
+    """--compare prints `lmlab eval generation`'s table, from the same code."""
     code, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--prompt", "def ",
                            "--max-new-tokens", "8", "--compare", "greedy={}",
                            'hot={"do_sample": true, "temperature": 1.5}')
     assert code == 0
-    rows = [line for line in out.splitlines() if line.startswith("| greedy") or line.startswith("| hot")]
-    assert len(rows) == 2
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[1].replace(",", "")) > 0  # tokens/s
-        assert float(cells[2]) < 0  # a mean log-probability
-        assert 0 <= float(cells[3]) <= 1 and 0 <= float(cells[4]) <= 1
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
+    lines = out.splitlines()
+    header = cells(next(line for line in lines if line.startswith("| strategy")))
+    rows = {cells(line)[0]: dict(zip(header, cells(line)))
+            for line in lines if line.startswith(("| greedy", "| hot"))}
+    assert set(rows) == {"greedy", "hot"}
+    model, tok = from_pretrained(model_dir), Tokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tok.encode("def ")])
+    greedy = generate(model, ids, max_new_tokens=8, eos_token_id=[tok.eos_token_id])
+    text = tok.decode(greedy[0, 4:].tolist(), skip_special_tokens=True)
+    assert f"--- greedy {{}}\ndef {text}" in out
+    for row in rows.values():
+        assert float(row["tokens/s"].replace(",", "")) > 0
+        assert float(row["log-prob"]) < 0
+        assert 0 <= float(row["distinct-2"]) <= 1 and float(row["length"]) <= 8
 
 
 @pytest.mark.parametrize("argv, names", [

@@ -182,19 +182,29 @@ def test_length_penalty_and_early_stopping_change_the_result(models):
     assert run(early_stopping=True).shape[1] < run(early_stopping="never").shape[1]
 
 
-def test_pad_token_zero_pads_with_zero(models):
-    """transformers pads beam outputs with `pad_token_id or eos_token_id[0]`, so pad 0 becomes
-    the first EOS there; we pad with the id given. Tokens are otherwise identical."""
+def test_pad_token_zero_pads_like_transformers(models):
+    """transformers' beam search fills finished hypotheses with `pad_token_id or eos_token_id[0]`,
+    so pad id 0 (falsy) pads with the first EOS there, while its greedy search writes 0. The blog
+    post's call on a batch left-padded with 0 whose hypotheses end at different lengths is
+    token-identical to transformers, after EOS too; greedy decoding still pads with 0."""
     hf, ours, pool = models("b")
-    ids, eos = prompts("b"), pool[:2]
-    knobs = dict(max_new_tokens=NEW, num_beams=4, num_return_sequences=4, eos_token_id=eos,
-                 early_stopping=True)
-    got = lmlab.generate(ours, ids, pad_token_id=0, **knobs)
-    expected = hf_generate(hf, ids, torch.ones_like(ids), pad_token_id=PAD, **knobs)
-    padding = expected == PAD
-    padding[:, :PROMPT_LEN] = False
-    assert padding.any()
-    assert torch.equal(got, expected.masked_fill(padding, 0))
+    ids, mask = left_padded(prompts("b"))
+    ids = ids.masked_fill(mask == 0, 0)
+    eos = pool[:2]
+    knobs = dict(max_length=50, num_beams=5, no_repeat_ngram_size=2, early_stopping=True,
+                 num_return_sequences=3, eos_token_id=eos, pad_token_id=0)
+    got = lmlab.generate(ours, ids, attention_mask=mask, **knobs)
+    assert torch.equal(got, hf_generate(hf, ids, mask, **knobs))
+    new = got[:, PROMPT_LEN:].tolist()
+    ends = [next(i for i, t in enumerate(row) if t in eos) for row in new if set(row) & set(eos)]
+    assert ends and min(ends) < got.shape[1] - PROMPT_LEN - 1  # a hypothesis is padded
+    for row in new:
+        first = next((i for i, t in enumerate(row) if t in eos), len(row))
+        assert all(t == eos[0] for t in row[first + 1:])
+    greedy = dict(max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    got = lmlab.generate(ours, ids, attention_mask=mask, **greedy)
+    assert torch.equal(got, hf_generate(hf, ids, mask, **greedy))
+    assert (got[:, PROMPT_LEN:] == 0).any()
 
 
 # -- batches -----------------------------------------------------------------------------------

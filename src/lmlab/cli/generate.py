@@ -2,7 +2,7 @@
 
 Prompts come from --prompt (repeatable), --prompt-file (one per line) or standard input.
 `--compare [NAME=KNOBS …]` runs several strategies on the same prompts and prints them side by
-side with tokens/s and quality signals.
+side with `lmlab eval generation`'s table (tokens/s and quality signals; the same code).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from lmlab.errors import ConfigError, DataError
 from lmlab.generation import GenerationConfig, generate, stream
 from lmlab.generation.config import DEFAULT_MAX_NEW_TOKENS
-from lmlab.generation.protocol import check_decoder
+from lmlab.generation.protocol import check_decoder, model_device
 from lmlab.models import from_pretrained
 from lmlab.tokenizer import Tokenizer
 from lmlab.training.runtime import DEVICE_HELP, pick_device
@@ -254,32 +254,29 @@ def fit_default_length(config: GenerationConfig, knobs: dict, prompt_len: int, m
 
 
 def run_compare(args, model, tokenizer, prompts, knobs) -> int:
-    from lmlab.evaluation.strategies import DEFAULT_STRATEGIES, compare_strategies
+    """Every continuation, then the table of `lmlab eval generation` (the same code: that
+    command adds the CSV, the plot and the default strategies' full set)."""
+    from lmlab.evaluation.strategies import (DEFAULT_STRATEGIES, compare_strategies,
+                                             markdown_table, parse_strategies)
 
-    strategies = dict(DEFAULT_STRATEGIES)
-    if args.compare:
-        strategies = {}
-        for item in args.compare:
-            name, _, text = item.partition("=")
-            strategies[name] = _json(f"--compare {name}")(text or "{}")
-            if not isinstance(strategies[name], dict):
-                raise ConfigError(f"--compare {name}: expected a JSON object of knobs")
+    try:
+        strategies = parse_strategies(args.compare) if args.compare else dict(DEFAULT_STRATEGIES)
+    except ValueError as err:
+        raise ConfigError(f"--compare {err}".replace("strategy ", "", 1)) from None
+    draft = (load_decoder(args.draft_model, flag="--draft-model", device=model_device(model))
+             if args.draft_model else None)
     try:
         results = compare_strategies(
             model, tokenizer, prompts, strategies=strategies,
             max_new_tokens=knobs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS,
-            seed=knobs.get("seed", 0),
-            eos_token_id=knobs["eos_token_id"],
+            seed=knobs.get("seed", 0), eos_token_id=knobs["eos_token_id"], draft_model=draft,
         )
-    except (ValueError, TypeError) as err:
-        raise _config_error(ValueError(str(err))) from None
+    except ValueError as err:
+        raise ConfigError(f"--compare {err}".replace("strategy ", "", 1)) from None
     for i, prompt in enumerate(prompts):
         print(f"\n### prompt {i + 1}: {prompt!r}")
         for r in results:
             print(f"--- {r.name} {json.dumps(r.knobs)}\n{prompt}{r.texts[i]}")
-    print("\n| strategy | tokens/s | mean log-prob | distinct-2 | repeated 3-grams |")
-    print("|---|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r.name} | {r.tokens_per_s:,.0f} | {r.mean_logprob:.3f} | {r.distinct_2:.3f} | "
-              f"{r.repeated_3gram_rate:.3f} |")
+    print()
+    print(markdown_table(results), end="")
     return 0

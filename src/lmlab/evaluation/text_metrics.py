@@ -20,7 +20,8 @@ def distinct_n(sequences: Sequence[Sequence], n: int = 2) -> float:
 
 
 def repeated_ngram_rate(tokens: Sequence, n: int = 3) -> float:
-    """Share of n-grams that already occurred earlier in the same output (degenerate loops → 1)."""
+    """Share of n-grams that already occurred earlier in the same output (degenerate loops → 1):
+    1 − unique / all n-grams, Welleck et al. (2019)'s seq-rep-n."""
     seen: set[tuple] = set()
     grams = ngrams(tokens, n)
     repeats = 0
@@ -28,6 +29,21 @@ def repeated_ngram_rate(tokens: Sequence, n: int = 3) -> float:
         repeats += gram in seen
         seen.add(gram)
     return repeats / len(grams) if grams else 0.0
+
+
+def self_bleu(texts: Sequence[str]) -> float:
+    """Self-BLEU (Zhu et al., 2018): BLEU of each text with all the other texts as its references,
+    averaged — high when the outputs resemble each other. sacreBLEU's corpus BLEU (0–100, its
+    default 13a tokenisation and exp smoothing) per text; nan for fewer than two texts."""
+    from sacrebleu.metrics import BLEU
+
+    texts = list(texts)
+    if len(texts) < 2:
+        return float("nan")
+    bleu = BLEU()
+    scores = [bleu.corpus_score([text], [[other] for other in texts[:i] + texts[i + 1:]]).score
+              for i, text in enumerate(texts)]
+    return sum(scores) / len(scores)
 
 
 @torch.inference_mode()

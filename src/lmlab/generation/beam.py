@@ -50,7 +50,7 @@ class BeamState:
         self.top_nb = torch.arange(self.k, device=device) < nb  # only these may finish
         self.batch_offset = torch.arange(batch, device=device)[:, None] * nb
 
-        self.running = torch.full((batch, nb, total), config.pad_id, dtype=torch.long,
+        self.running = torch.full((batch, nb, total), config.beam_pad_id, dtype=torch.long,
                                   device=device)
         self.running[:, :, :prompt_len] = input_ids[:, None]
         # Only beam 0 is live at first, so the first step does not pick the same token nb times.

@@ -110,13 +110,21 @@ class GenerationConfig:
     @property
     def pad_id(self) -> int:
         """The id written after a row has finished: pad_token_id, else the first EOS, else 0.
-
-        transformers' beam search writes `pad_token_id or eos_token_id[0]`, so an explicit pad
-        id of 0 (falsy) pads with the first EOS there; every lmlab strategy honours the pad id
-        given, as transformers' greedy search does."""
+        Greedy, sampling and speculative decoding write it as given, as transformers does;
+        beam search writes `beam_pad_id`."""
         if self.pad_token_id is not None:
             return self.pad_token_id
         return self.eos_token_id[0] if self.eos_token_id else 0
+
+    @property
+    def beam_pad_id(self) -> int:
+        """The id beam search writes after a hypothesis's EOS. transformers' `_beam_search` fills
+        with `pad_token_id or eos_token_id[0]`; 0 is falsy, so an explicit pad id of 0 pads with
+        the first EOS there (its greedy and sampling write 0). We match it: beam search promises
+        transformers' tokens, and a padded batch with pad id 0 is the common case."""
+        if self.pad_token_id == 0 and self.eos_token_id:
+            return self.eos_token_id[0]
+        return self.pad_id
 
     def budget(self, prompt_len: int, *, model, name: str = "") -> int:
         """New tokens to generate after a prompt of `prompt_len`, checked against the model's

@@ -131,7 +131,8 @@ def beam_search(model, input_ids: torch.Tensor, config: GenerationConfig, *,
                 attention_mask: torch.Tensor | None = None,
                 cpu_kernels: bool = True) -> torch.Tensor:
     """Prompt + generated tokens, (B · num_return_sequences, prompt_len + L), the best hypotheses
-    of each prompt first; shorter hypotheses are padded with `pad_token_id` (else the first EOS).
+    of each prompt first; shorter hypotheses are padded with `config.beam_pad_id` (transformers'
+    `pad_token_id or eos_token_id[0]`: a pad id of 0 pads with the first EOS).
 
     `attention_mask` (B, prompt_len) marks left padding with 0. With `do_sample=True` this is
     transformers' beam sampling: candidates are drawn from the processed and warped scores.
