@@ -23,7 +23,7 @@ ALLOWED = {
     "kernels": {"models"},
     "generation": {"models", "kernels"},
     "tasks": {"data", "evaluation", "tokenizer"},
-    "evaluation": {"generation", "models"},
+    "evaluation": {"generation", "models", "tokenizer"},
     "training": {"kernels", "models"},
     "recipes": {"data", "evaluation", "kernels", "models", "tasks", "tokenizer", "training",
                 "generation"},

@@ -6,7 +6,8 @@ fence one program; they run in the order of the page, pages in reading order, in
 that plays the user's checkout:
 
 - `configs/` holds the shipped presets, shrunk to a few steps and one epoch (the commands stay as
-  written; only the budgets the presets set are smaller);
+  written; only the budgets the presets set are smaller) and the prompt sets of
+  `configs/prompts/` as they are;
 - `../shared/data/` holds excerpts of the real datasets (the first rows of each file; for SQuAD
   the first paragraph and question of every article), so every file a command names exists;
 - the files a page asks the user to bring (`my_sentences.jsonl`, `corpus/`, …) are made here
@@ -26,6 +27,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,7 +42,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 PAGES = ["README.md", "docs/training.md", "docs/finetuning.md", "docs/generation.md",
-         "docs/serving.md", "docs/architecture.md", "docs/config-reference.md"]
+         "docs/serving.md", "docs/architecture.md", "docs/config-reference.md",
+         "docs/evaluation.md"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 NOT_RUN = re.compile(r"<!-- not-run: (.+?) -->")
 STAND_IN = re.compile(r"<!-- stand-in: (.+?) -->")
@@ -152,6 +155,7 @@ def make_sandbox(root: Path) -> tuple[Path, dict[str, str]]:
     checkout.mkdir(parents=True)
     excerpt_data(SHARED, data)
     shrink_configs(ROOT / "configs", checkout / "configs")
+    shutil.copytree(ROOT / "configs" / "prompts", checkout / "configs" / "prompts")  # as shipped
     user_files(checkout, data)
     bin_dir = checkout / ".venv" / "bin"
     bin_dir.mkdir(parents=True)

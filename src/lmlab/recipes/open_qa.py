@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmlab.errors import ConfigError, DataError
-from lmlab.evaluation.retrieval import Hit, Index, build_index, load_encoder, read_passages
+from lmlab.evaluation.retrieval import (RRF_K, Hit, Index, build_index, load_encoder,
+                                        read_passages)
 from lmlab.recipes.finetuning import FinetunedRun, pad_id, resolve_model
 from lmlab.tasks import qa
 
@@ -63,7 +64,8 @@ def read(run: FinetunedRun, question: str, passages: Sequence[str]) -> list[tupl
 
 
 def answer(question: str, *, index: Index, reader: FinetunedRun, retriever: str = "hybrid",
-           top_k: int = 10, retrieval_weight: float = 1.0, n_answers: int = 3) -> list[Answer]:
+           top_k: int = 10, retrieval_weight: float = 1.0, n_answers: int = 3,
+           rrf_k: int = RRF_K) -> list[Answer]:
     """The best `n_answers` answers to `question` from the `top_k` passages `retriever` finds,
     best first (one per passage)."""
     if not question.strip():
@@ -71,7 +73,7 @@ def answer(question: str, *, index: Index, reader: FinetunedRun, retriever: str 
     if top_k < 1 or n_answers < 1:
         raise ConfigError(f"top_k and n_answers must be positive, got {top_k} and {n_answers}")
     check_reader(reader)
-    hits = index.search(question, retriever=retriever, top_k=top_k)
+    hits = index.search(question, retriever=retriever, top_k=top_k, rrf_k=rrf_k)
     passages = [index.passages[h.passage] for h in hits]
     spans = read(reader, question, [p.text for p in passages])
     answers = [Answer(text=text, score=span - retrieval_weight * math.log(hit.rank),

@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Open-domain QA on SQuAD v1.1 dev: retrieval recall and, with a reader, end-to-end EM/F1.
+
+    python scripts/odqa_squad.py                              recall@1/5/20 on half A
+    python scripts/odqa_squad.py --half B                     the same on half B (for tuning)
+    python scripts/odqa_squad.py --reader runs/squad --top-k 1 5 10   + end-to-end EM/F1
+
+The corpus is every paragraph of dev-v1.1.json (2,067), each a passage titled with its article
+(evaluation/retrieval.py: the indexed text is "title. paragraph"). The questions are one half of
+configs/finetune/squad.yaml's article split: A = `test_titles` (the articles the reader was not
+trained on), B = `train_titles` + `validation_titles`. Tune on B, report A. A question's gold
+passage is the paragraph it was asked on. Hybrid = reciprocal-rank fusion of the top `--depth`
+of BM25 and dense.
+
+Reported: recall@1/5/20 per retriever, retrieval latency per question (one question at a time,
+median and mean), index build time (BM25 and dense separately); with --reader, end-to-end
+EM/F1 (SQuAD's official normalisation) reading the top-k passages of `--retriever`, next to the
+same reader's EM/F1 given the gold paragraph. Everything runs on the CPU. Writes --json if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from lmlab.config import read_yaml  # noqa: E402
+from lmlab.evaluation.retrieval import (RRF_K, build_bm25, embed, load_encoder,  # noqa: E402
+                                        read_passages, reciprocal_rank_fusion, passage_text)
+from lmlab.evaluation.squad import squad_scores  # noqa: E402
+
+KS = (1, 5, 20)
+
+
+def questions(data: Path, titles: set[str]) -> list[dict]:
+    """{id, question, answers, gold} of the articles in `titles`; gold = the paragraph's index
+    among all paragraphs of the file (the order read_passages gives)."""
+    rows, passage = [], 0
+    for article in json.loads(data.read_text(encoding="utf-8"))["data"]:
+        for paragraph in article["paragraphs"]:
+            if article["title"] in titles:
+                rows += [{"id": qa["id"], "question": qa["question"], "gold": passage,
+                          "answers": [a["text"] for a in qa["answers"]]}
+                         for qa in paragraph["qas"]]
+            passage += 1
+    return rows
+
+
+def build(passages, encoder) -> tuple[object, torch.Tensor, dict[str, float]]:
+    t0 = time.perf_counter()
+    bm25 = build_bm25(passages)
+    t1 = time.perf_counter()
+    embeddings = embed(encoder, [passage_text(p) for p in passages], batch_size=64)
+    t2 = time.perf_counter()
+    return bm25, embeddings, {"bm25_s": t1 - t0, "dense_s": t2 - t1}
+
+
+def rankings(qs, passages, bm25, embeddings, encoder, depth: int):
+    """Per question the top-`depth` passages of BM25 and of dense, and each one's latency (s)."""
+    from lmlab.evaluation.retrieval import bm25_scores, dense_search
+
+    out = {"bm25": [], "dense": []}
+    latency = {"bm25": [], "dense": []}
+    for q in qs:
+        t0 = time.perf_counter()
+        scores = torch.from_numpy(bm25_scores(bm25, q["question"]).astype("float32"))
+        out["bm25"].append(torch.topk(scores, depth).indices.tolist())
+        t1 = time.perf_counter()
+        _, top = dense_search(embed(encoder, [q["question"]]), embeddings, depth)
+        out["dense"].append(top[0].tolist())
+        t2 = time.perf_counter()
+        latency["bm25"].append(t1 - t0)
+        latency["dense"].append(t2 - t1)
+    return out, latency
+
+
+def fuse(ranked, rrf_k: int) -> list[list[int]]:
+    return [[p for p, _ in reciprocal_rank_fusion([b, d], k=rrf_k)]
+            for b, d in zip(ranked["bm25"], ranked["dense"])]
+
+
+def recall(ranked: list[list[int]], qs) -> dict[str, float]:
+    return {f"recall@{k}": 100 * sum(q["gold"] in r[:k] for q, r in zip(qs, ranked)) / len(qs)
+            for k in KS}
+
+
+def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weight: float) -> dict:
+    """EM/F1 reading the top-k passages (each k of `top_ks`), and given the gold paragraph."""
+    import math
+
+    from lmlab.recipes.finetuning import load_run
+    from lmlab.recipes.open_qa import check_reader, read
+
+    reader = load_run(reader_dir, device="cpu")
+    check_reader(reader)
+    gold = [(q["id"], q["answers"]) for q in qs]
+    best = {k: {} for k in top_ks}
+    at_gold = {}
+    t0 = time.perf_counter()
+    for n, (q, r) in enumerate(zip(qs, ranked)):
+        top = r[:max(top_ks)]
+        read_ids = top + ([q["gold"]] if q["gold"] not in top else [])
+        spans = dict(zip(read_ids, read(reader, q["question"],
+                                        [passages[p].text for p in read_ids])))
+        at_gold[q["id"]] = spans[q["gold"]][0]
+        for k in top_ks:
+            scored = [(spans[p][1] - weight * math.log(rank), spans[p][0])
+                      for rank, p in enumerate(top[:k], 1) if math.isfinite(spans[p][1])]
+            best[k][q["id"]] = max(scored)[1] if scored else ""
+        if (n + 1) % 500 == 0:
+            print(f"  read {n + 1}/{len(qs)} questions ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr)
+    return {"gold_paragraph": squad_scores(at_gold, gold),
+            **{f"top{k}": squad_scores(best[k], gold) for k in top_ks},
+            "reader_seconds": time.perf_counter() - t0}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(ROOT / "../shared/data/squad_v1.1/dev-v1.1.json"))
+    p.add_argument("--config", default=str(ROOT / "configs/finetune/squad.yaml"))
+    p.add_argument("--half", choices=["A", "B"], default="A")
+    p.add_argument("--encoder", help="default all-MiniLM-L6-v2")
+    p.add_argument("--depth", type=int, default=100, help="each retriever's list fused by RRF")
+    p.add_argument("--rrf-k", type=int, nargs="+", default=[RRF_K])
+    p.add_argument("--limit", type=int, help="only the first N questions (a quick check)")
+    p.add_argument("--reader", help="a fine-tuned QA run: also end-to-end EM/F1")
+    p.add_argument("--retriever", choices=["bm25", "dense", "hybrid"], default="hybrid")
+    p.add_argument("--top-k", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--retrieval-weight", type=float, default=1.0)
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args()
+
+    from lmlab.recipes.finetuning import resolve_model
+
+    data = Path(args.data)
+    cfg = read_yaml(args.config)
+    titles = set(cfg["test_titles"] if args.half == "A"
+                 else cfg["train_titles"] + cfg["validation_titles"])
+    qs = questions(data, titles)[:args.limit]
+    passages = read_passages(data)
+    encoder = load_encoder(args.encoder or resolve_model("minilm"))
+    torch.set_grad_enabled(False)
+    bm25, embeddings, build_s = build(passages, encoder)
+    print(f"{len(passages)} passages indexed: BM25 {build_s['bm25_s']:.1f} s, dense "
+          f"{build_s['dense_s']:.1f} s ({len(passages) / build_s['dense_s']:.0f} passages/s); "
+          f"{len(qs)} questions of half {args.half}")
+    ranked, latency = rankings(qs, passages, bm25, embeddings, encoder, args.depth)
+    results = {"half": args.half, "questions": len(qs), "passages": len(passages),
+               "build_seconds": build_s, "threads": torch.get_num_threads(), "recall": {},
+               "latency_ms": {}}
+    for name in ("bm25", "dense"):
+        results["recall"][name] = recall(ranked[name], qs)
+        results["latency_ms"][name] = {"median": 1e3 * statistics.median(latency[name]),
+                                       "mean": 1e3 * statistics.mean(latency[name])}
+    for k in args.rrf_k:
+        t0 = time.perf_counter()
+        hybrid = fuse(ranked, k)
+        fuse_ms = 1e3 * (time.perf_counter() - t0) / len(qs)
+        name = "hybrid" if len(args.rrf_k) == 1 else f"hybrid(k={k})"
+        results["recall"][name] = recall(hybrid, qs)
+        results["latency_ms"][name] = {
+            "mean": results["latency_ms"]["bm25"]["mean"] + results["latency_ms"]["dense"]["mean"]
+            + fuse_ms}
+    print("| retriever | " + " | ".join(f"recall@{k}" for k in KS) + " | latency/question |")
+    print("|---|" + "---:|" * (len(KS) + 1))
+    for name, r in results["recall"].items():
+        ms = results["latency_ms"][name]
+        print(f"| {name} | " + " | ".join(f"{r[f'recall@{k}']:.1f}%" for k in KS)
+              + f" | {ms.get('median', ms['mean']):.1f} ms |")
+    if args.reader:
+        chosen = (ranked[args.retriever] if args.retriever != "hybrid"
+                  else fuse(ranked, args.rrf_k[0]))
+        e2e = end_to_end(args.reader, qs, passages, chosen, sorted(args.top_k),
+                         args.retrieval_weight)
+        results["end_to_end"] = {"retriever": args.retriever,
+                                 "retrieval_weight": args.retrieval_weight, **e2e}
+        g = e2e["gold_paragraph"]
+        print(f"reader on the gold paragraph: EM {g['exact_match']:.1f} / F1 {g['f1']:.1f}")
+        for k in sorted(args.top_k):
+            s = e2e[f"top{k}"]
+            print(f"end to end, {args.retriever} top-{k}: EM {s['exact_match']:.1f} / F1 "
+                  f"{s['f1']:.1f} ({100 * s['f1'] / g['f1']:.0f}% of the gold-paragraph F1)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
