@@ -119,7 +119,8 @@ def test_per_word_and_per_byte_are_exact(tiny_gpt_dir, tmp_path):
     stream = tok.encode(texts[0]) + [tok.eos_token_id] + tok.encode(texts[1]) + [tok.eos_token_id]
     nll, _ = causal_token_nll(model, stream, context=12, stride=5)
     assert r.tokens == len(stream) and r.scored == len(stream) - 1
-    assert r.nll == pytest.approx(float(nll[1:].sum()), rel=1e-12)
+    # batch 2 against the default batch: fp32 matmuls of other shapes round differently
+    assert r.nll == pytest.approx(float(nll[1:].sum()), rel=1e-6)
     assert r.token_perplexity == pytest.approx(math.exp(r.nll / (len(stream) - 1)), rel=1e-12)
     assert r.word_perplexity == pytest.approx(math.exp(r.nll / 9), rel=1e-12)
     assert r.bits_per_byte == pytest.approx(r.nll / math.log(2) / 45, rel=1e-12)
