@@ -213,3 +213,16 @@ def live_server():
 def slow_model():
     """Slow(model, delay=0.02): a model whose every forward pass takes `delay` longer."""
     return Slow
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`lmlab ARGV` in-process: (exit status, stdout, stderr); argparse's SystemExit is unwrapped."""
+    from lmlab.cli import main
+
+    capsys.readouterr()  # drop anything a fixture printed
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -11,20 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.cli import COMMANDS, build_parser, main
+from lmlab.cli import COMMANDS, build_parser
 from lmlab.models import GPT, GPTConfig
 from lmlab.tokenizer import Tokenizer
 
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """`lmlab ARGV` in-process: (exit status, stdout, stderr); argparse's SystemExit is unwrapped."""
-    capsys.readouterr()  # drop anything a fixture printed
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import run_cli  # noqa: F401  (test_cli_*.py import it from here)
 
 
 def one_line(err: str) -> str:

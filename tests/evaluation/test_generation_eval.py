@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lmlab.cli import main
+from conftest import run_cli
 from lmlab.evaluation.strategies import (COLUMNS, compare_strategies, markdown_table,
                                          quality_signals, write_report)
 from lmlab.evaluation.text_metrics import distinct_n, repeated_ngram_rate, self_bleu
@@ -146,14 +146,6 @@ def test_report_files(tiny, tmp_path):
 
 
 # -- the command line ---------------------------------------------------------------------------
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_writes_the_table_of_the_library(capsys, tiny, tiny_gpt_dir, tmp_path):

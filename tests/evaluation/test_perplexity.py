@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from lmlab.cli import main
+from conftest import run_cli
 from lmlab.data.sources import iter_documents
 from lmlab.evaluation.perplexity import (Window, causal_token_nll, evaluate_perplexity,
                                          hf_recipe_perplexity, masked_lm_windows,
@@ -19,17 +19,6 @@ from lmlab.models.bert import BertConfig, BertForMaskedLM
 from lmlab.models.gpt import GPT, GPTConfig
 
 CONTEXT = 16
-
-
-def run_cli_main(capsys, *argv) -> tuple[int, str, str]:
-    """`lmlab ARGV` in-process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +184,12 @@ def test_cli_prints_settings_and_json(capsys, tiny_gpt_dir, tmp_path):
     data = tmp_path / "corpus.jsonl"
     data.write_text(json.dumps({"body": "the cat sat on the mat"}) + "\n"
                     + json.dumps({"body": "a dog ran"}) + "\n")
-    code, out, err = run_cli_main(capsys, "eval", "perplexity", "--model", tiny_gpt_dir,
+    code, out, err = run_cli(capsys, "eval", "perplexity", "--model", tiny_gpt_dir,
                                   "--data", data, "--text-field", "body", "--context", "8",
                                   "--stride", "3", "--device", "cpu")
     assert code == 0, err
     assert "context 8 · stride 3" in out and "9 words" in out and "per word" in out
-    code, out, _ = run_cli_main(capsys, "eval", "perplexity", "--model", tiny_gpt_dir,
+    code, out, _ = run_cli(capsys, "eval", "perplexity", "--model", tiny_gpt_dir,
                                 "--data", data, "--text-field", "body", "--context", "8",
                                 "--stride", "3", "--json", "--device", "cpu")
     record = json.loads(out)
@@ -221,7 +210,7 @@ def test_cli_bad_inputs(capsys, tiny_gpt_dir, tmp_path, case, flags, message):
     data = tmp_path / f"{case}.txt"
     if case in files:
         data.write_bytes(files[case])
-    code, out, err = run_cli_main(capsys, "eval", "perplexity", "--model", tiny_gpt_dir,
+    code, out, err = run_cli(capsys, "eval", "perplexity", "--model", tiny_gpt_dir,
                                   "--data", data, "--device", "cpu", *flags)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err, err
@@ -230,7 +219,7 @@ def test_cli_bad_inputs(capsys, tiny_gpt_dir, tmp_path, case, flags, message):
 def test_cli_refuses_an_encoder_without_lm_head(capsys, tiny_bert_dir, tmp_path):
     data = tmp_path / "a.txt"
     data.write_text("the cat sat")
-    code, _, err = run_cli_main(capsys, "eval", "perplexity", "--model", tiny_bert_dir,
+    code, _, err = run_cli(capsys, "eval", "perplexity", "--model", tiny_bert_dir,
                                 "--data", data, "--device", "cpu")
     assert code == 2 and "has no language-model head" in err
 
@@ -247,7 +236,7 @@ def test_cli_pseudo_perplexity_of_a_masked_lm(capsys, tmp_path):
     model.save_pretrained(tmp_path / "bert", tokenizer=tok)
     data = tmp_path / "corpus.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    code, out, err = run_cli_main(capsys, "eval", "perplexity", "--model", tmp_path / "bert",
+    code, out, err = run_cli(capsys, "eval", "perplexity", "--model", tmp_path / "bert",
                                   "--data", data, "--json", "--device", "cpu")
     assert code == 0, err
     record = json.loads(out)
@@ -258,6 +247,6 @@ def test_cli_pseudo_perplexity_of_a_masked_lm(capsys, tmp_path):
     assert record["scored"] == record["tokens"] == len(nll) and record["windows"] == len(pieces)
     assert record["nll"] == pytest.approx(float(nll.sum()), rel=1e-6)
     assert record["word_perplexity"] == pytest.approx(math.exp(record["nll"] / 15), rel=1e-9)
-    code, _, err = run_cli_main(capsys, "eval", "perplexity", "--model", tmp_path / "bert",
+    code, _, err = run_cli(capsys, "eval", "perplexity", "--model", tmp_path / "bert",
                                 "--data", data, "--stride", "2", "--device", "cpu")
     assert code == 2 and "--stride applies to causal LMs" in err

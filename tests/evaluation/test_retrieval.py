@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from lmlab.cli import main
+from conftest import run_cli
 from lmlab.evaluation.retrieval import (Passage, bm25_scores, bm25_tokens, build_bm25,
                                         build_index, dense_search, embed, load_encoder,
                                         load_index, read_passages, reciprocal_rank_fusion)
@@ -23,16 +23,6 @@ CORPUS = [
     {"title": "Gamma", "text": "Gamma rays were discovered by Paul Villard in 1900 in Paris."},
     {"title": "Delta", "text": "The delta of the river holds wetlands where birds nest each spring."},
 ]
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
