@@ -56,6 +56,61 @@ def tiny_gpt2(tmp_path_factory):
     return get
 
 
+# Tiny T5 shapes: v1.0 (ReLU, tied and rescaled head) and v1.1 (gated GELU, untied head), with
+# few buckets and a short max distance so that the log-spaced buckets are exercised.
+TINY_T5 = {
+    "v1_0": dict(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, relative_attention_max_distance=20),
+    "v1_1": dict(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                 feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+
+
+def build_hf_t5(directory, *, name: str, seed: int = 0):
+    """A seeded `transformers.T5ForConditionalGeneration` (eval mode) with every weight
+    randomised — RMS norms off 1, an untied head of its own for v1.1 — saved to `directory`
+    in the layout transformers writes (a v1.1 head goes in as its own tensor: transformers 5
+    builds every T5 tied and unties only what the checkpoint holds apart). Returns the model
+    transformers loads back from there."""
+    import safetensors.torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = dict(TINY_T5[name], decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(T5Config(**config)).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "layer_norm" in pname:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif pname != "shared.weight":
+                p.mul_(3.0)  # wider logits: greedy choices far above fp noise
+    model.save_pretrained(directory)
+    if not config.get("tie_word_embeddings", True):
+        state = safetensors.torch.load_file(directory / "model.safetensors")
+        state["lm_head.weight"] = torch.randn(config["vocab_size"], config["d_model"])
+        safetensors.torch.save_file(state, directory / "model.safetensors",
+                                    metadata={"format": "pt"})
+        config_file = directory / "config.json"
+        config_file.write_text(config_file.read_text().replace(
+            '"tie_word_embeddings": true', '"tie_word_embeddings": false'))
+    return T5ForConditionalGeneration.from_pretrained(directory).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    """`tiny_t5(name) -> (hf_model, checkpoint_dir)` for name in TINY_T5, built once."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            directory = tmp_path_factory.mktemp(f"t5_{name}")
+            built[name] = (build_hf_t5(directory, name=name), directory)
+        return built[name]
+
+    return get
+
+
 @pytest.fixture
 def single_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's

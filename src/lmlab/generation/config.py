@@ -41,6 +41,8 @@ class GenerationConfig:
     frequency_penalty: float = 0.0  # OpenAI: minus penalty × count of the token in the output
     presence_penalty: float = 0.0  # OpenAI: minus penalty if the token occurs in the output
     logit_bias: dict[int, float] | None = None  # OpenAI: added to the token's logit
+    # the first token after a one-token prompt (an encoder–decoder's target-language tag)
+    forced_bos_token_id: int | None = None
     # -- beam search (num_beams > 1)
     length_penalty: float = 1.0
     early_stopping: EarlyStopping = False

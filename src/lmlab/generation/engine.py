@@ -48,11 +48,13 @@ class ModelRunner:
     """One model's forward passes during decoding, over its own KV cache of `rows` rows."""
 
     def __init__(self, model, *, rows: int, max_len: int, cpu_kernels: bool = True,
-                 role: str = "model"):
+                 role: str = "model", source_len: int | None = None):
         check_decoder(model, role=role)
         self.model = model
         self.rows = rows
-        self.cache = model.new_cache(rows, max_len)
+        # an encoder–decoder's cache also holds each row's source: as wide as the longest one
+        self.cache = (model.new_cache(rows, max_len) if source_len is None
+                      else model.new_cache(rows, max_len, source_len=source_len))
         self.fused = kernels.decoding_adapter(model) if cpu_kernels else None
         self.device = model_device(model)
 
@@ -288,11 +290,12 @@ class Engine:
     `max_rows` is the most rows that run at once (rows added beyond it wait for a free slot),
     `max_len` the most tokens of one row, prompt included (default: the model's context
     window). `cpu_kernels=False` keeps the CPU speed layer off (lmlab/kernels/__init__.py has
-    the rule by which it applies).
+    the rule by which it applies). An encoder–decoder's `source_len` is the longest source a
+    row will hold (default: the model's own bound).
     """
 
     def __init__(self, model, *, max_rows: int, max_len: int | None = None, tokenizer=None,
-                 cpu_kernels: bool = True):
+                 cpu_kernels: bool = True, source_len: int | None = None):
         check_decoder(model)
         if max_len is None:
             max_len = model.context_window
@@ -302,7 +305,8 @@ class Engine:
             raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_rows, self.max_len = max_rows, max_len
-        self.runner = ModelRunner(model, rows=max_rows, max_len=max_len, cpu_kernels=cpu_kernels)
+        self.runner = ModelRunner(model, rows=max_rows, max_len=max_len, cpu_kernels=cpu_kernels,
+                                  source_len=source_len)
         self.device = self.runner.device
         self.running: list[Row] = []  # in slot order: row i is in cache row i
         self.waiting: list[_Group] = []

@@ -281,6 +281,26 @@ class MinNewTokens:
         return scores.masked_fill(self._mask, NEG_INF)
 
 
+class ForcedBOSToken:
+    """The first token after a one-token prompt is `token_id`: an encoder–decoder's target
+    language (mBART, M2M-100) after its start token. [ForcedBOSTokenLogitsProcessor]"""
+
+    def __init__(self, token_id: int):
+        if not _is_int(token_id) or token_id < 0:
+            raise ValueError(f"forced_bos_token_id must be a token id >= 0, got {token_id!r}")
+        self.token_id = token_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] != 1:
+            return scores
+        if self.token_id >= scores.shape[-1]:
+            raise ValueError(f"forced_bos_token_id {self.token_id} is not below the model's "
+                             f"vocabulary size {scores.shape[-1]}")
+        forced = torch.full_like(scores, NEG_INF)
+        forced[:, self.token_id] = 0
+        return forced
+
+
 # -- sampling warpers --------------------------------------------------------------------------
 class TemperatureWarper:
     def __init__(self, temperature: float):
@@ -471,6 +491,8 @@ def build_logits_processors(config, *, prompt_len: int,
             out.append(bad_words)
     if config.min_new_tokens > 0 and eos:
         out.append(MinNewTokens(config.min_new_tokens, prompt_len=prompt_len, eos_token_id=eos))
+    if config.forced_bos_token_id is not None:
+        out.append(ForcedBOSToken(config.forced_bos_token_id))
     if not config.do_sample:
         return out
 

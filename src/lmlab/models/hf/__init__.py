@@ -6,7 +6,7 @@ imported below — nothing else changes.
 """
 
 from lmlab.models import base
-from lmlab.models.hf import bert, checkpoints, gpt2
+from lmlab.models.hf import bert, checkpoints, gpt2, t5
 from lmlab.models.hf.checkpoints import (from_pretrained, load, load_encoder, load_weights,
                                          read_config, read_state_dict, save_pretrained,
                                          save_weights, state_to_hf, to_hf)
@@ -21,4 +21,4 @@ base.register_checkpoint_io(checkpoints)
 __all__ = ["RECORDS", "FamilyRecord", "KeyMap", "config_values", "from_pretrained",
            "gpt2_state_dict_from_hf", "labels_from_hf", "labels_to_hf", "load", "load_encoder",
            "load_weights", "read_config", "read_state_dict", "record_for", "register_family",
-           "save_pretrained", "save_weights", "state_to_hf", "to_hf", "bert", "gpt2"]
+           "save_pretrained", "save_weights", "state_to_hf", "to_hf", "bert", "gpt2", "t5"]
