@@ -9,8 +9,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="dataset directory to write")
     parser.add_argument("--tokenizer", default="bpe",
                         help="'bpe' (train byte-level BPE), 'wordpiece' (train an uncased BERT"
-                             " WordPiece), 'char', or a tokenizer/model directory")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE / WordPiece vocabulary size")
+                             " WordPiece), 'unigram' (train a T5 SentencePiece-style Unigram"
+                             " with 100 sentinels), 'char', or a tokenizer/model directory")
+    parser.add_argument("--vocab-size", type=int, default=8192,
+                        help="BPE / WordPiece / Unigram vocabulary size")
     parser.add_argument("--val", nargs="*", default=None, help="validation sources (else a split)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--split", choices=["auto", "document", "tail"], default="auto")

@@ -278,19 +278,21 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 def build_tokenizer(kind: str, sources, *, vocab_size: int, text_field: str = "text"):
     """The tokenizer a dataset is prepared with: "bpe" trains a byte-level BPE on `sources`,
-    "wordpiece" an uncased BERT WordPiece, "char" makes one token per character seen in them,
-    anything else is a tokenizer (or model) directory to load."""
+    "wordpiece" an uncased BERT WordPiece, "unigram" a SentencePiece-style Unigram laid out as
+    T5's (100 sentinels included in `vocab_size`), "char" makes one token per character seen in
+    them, anything else is a tokenizer (or model) directory to load."""
     from lmlab.tokenizer import Tokenizer  # the concrete class; this module needs only a protocol
 
-    if kind in ("bpe", "wordpiece"):
+    trainers = {"bpe": Tokenizer.train_bpe, "wordpiece": Tokenizer.train_wordpiece,
+                "unigram": Tokenizer.train_unigram}
+    if kind in trainers:
         texts = (doc.text for doc in iter_documents(sources, text_field=text_field))
-        train = Tokenizer.train_bpe if kind == "bpe" else Tokenizer.train_wordpiece
-        return train(iterator=texts, vocab_size=vocab_size)
+        return trainers[kind](iterator=texts, vocab_size=vocab_size)
     if kind == "char":
         return Tokenizer.char_level("".join(
             doc.text for doc in iter_documents(sources, text_field=text_field)))
     if Path(kind).exists():
         return Tokenizer.from_pretrained(kind)
-    raise ConfigError("tokenizer: expected bpe, wordpiece, char or a tokenizer directory, got"
-                      f" {kind!r}")
+    raise ConfigError("tokenizer: expected bpe, wordpiece, unigram, char or a tokenizer directory,"
+                      f" got {kind!r}")
 

@@ -32,7 +32,7 @@ class MaskedLMConfig(PretrainConfig):
     def __post_init__(self):
         if self.tokenizer == "auto":  # masked LM needs [MASK] (and [CLS]/[SEP]): WordPiece
             self.tokenizer = "wordpiece"
-        if self.tokenizer in ("bpe", "char"):
+        if self.tokenizer in ("bpe", "unigram", "char"):
             raise ConfigError(f"objective {self.objective} needs a tokenizer with a mask token;"
                               f" {self.tokenizer} has none: use tokenizer wordpiece (the default"
                               " for mlm) or a BERT tokenizer directory")

@@ -1,4 +1,4 @@
-"""Tokenizers: a thin wrapper over the `tokenizers` library (byte-level BPE, WordPiece, char-level, HF files)."""
+"""Tokenizers: a thin wrapper over the `tokenizers` library (byte-level BPE, WordPiece, T5's Unigram, char-level, HF files)."""
 
 from lmlab.tokenizer.encoding import EncodedBatch, Encoding
 from lmlab.tokenizer.tokenizer import StreamDecoder, Tokenizer

@@ -1,7 +1,7 @@
 """The Hugging Face files of a tokenizer: reading tokenizer.json, GPT-2's vocab.json +
-merges.txt or BERT's vocab.txt, and tokenizer_config.json with its special tokens, chat
-templates (in the config or in transformers 5's .jinja files) and every other key, so that what
-lmlab writes back is what transformers' AutoTokenizer reads."""
+merges.txt, BERT's vocab.txt or T5's spiece.model, and tokenizer_config.json with its special
+tokens, chat templates (in the config or in transformers 5's .jinja files) and every other key,
+so that what lmlab writes back is what transformers' AutoTokenizer reads."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from lmlab.errors import CheckpointError, DataError
-from lmlab.tokenizer import wordpiece
+from lmlab.tokenizer import unigram, wordpiece
 
 END_OF_TEXT = "<|endoftext|>"
 ROLES = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")
@@ -56,8 +56,13 @@ def load_directory(directory: Path, config: dict[str, Any]) -> Backend:
     if not vocab.is_file() and not merges.is_file():
         if (directory / "vocab.txt").is_file():
             return wordpiece.load_vocab_txt(directory, config)
+        if (directory / unigram.SPM_FILE).is_file():
+            where = directory / "tokenizer_config.json"
+            additional = read_additional(config, where)[1]
+            return unigram.load_spiece(directory, unigram.extra_ids_of(config, additional, where))
         raise CheckpointError(f"{directory}: no tokenizer found; expected tokenizer.json,"
-                              " GPT-2's vocab.json + merges.txt, or BERT's vocab.txt")
+                              " GPT-2's vocab.json + merges.txt, BERT's vocab.txt or T5's"
+                              " spiece.model")
     for required in (vocab, merges):
         if not required.is_file():
             raise CheckpointError(f"{required}: not found; GPT-2 tokenizers need vocab.json +"
@@ -139,6 +144,8 @@ def read_roles(config: dict[str, Any], backend: Backend,
     if type(backend.model).__name__ == "WordPiece":
         defaults.update({role: token for role, token in wordpiece.BERT_SPECIALS.items()
                          if backend.token_to_id(token) is not None})
+    if unigram.is_t5_layout(backend):
+        defaults.update(unigram.T5_ROLES)
     roles: dict[str, str | None] = {}
     for role in ROLES:
         key = f"{role}_token"

@@ -1,11 +1,11 @@
 """A thin wrapper over a `tokenizers.Tokenizer` that also knows its special tokens.
 
 The `tokenizers` library does the real work (training, encoding, the `tokenizer.json` format);
-this module only picks GPT-2's byte-level BPE settings or BERT's WordPiece pipeline (see
-`wordpiece.py`), builds a char-level vocabulary for char-LM experiments, reads and writes the
-Hugging Face files (their format: `hf_files.py`), and turns the library's bare exceptions into
-`lmlab.errors` that name the input at fault. Text pairs for encoders are encoded by
-`encoding.py`.
+this module only picks GPT-2's byte-level BPE settings, BERT's WordPiece pipeline (see
+`wordpiece.py`) or T5's SentencePiece Unigram layout (see `unigram.py`), builds a char-level
+vocabulary for char-LM experiments, reads and writes the Hugging Face files (their format:
+`hf_files.py`), and turns the library's bare exceptions into `lmlab.errors` that name the input
+at fault. Text pairs for encoders are encoded by `encoding.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tokenizers import Tokenizer as Backend
 
 from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
 from lmlab.fileio import atomic_write_text
-from lmlab.tokenizer import wordpiece
+from lmlab.tokenizer import unigram, wordpiece
 from lmlab.tokenizer.hf_files import (END_OF_TEXT, MANAGED_KEYS, NO_MAX_LENGTH, ROLES,
                                       byte_level, is_chat_template, load_directory,
                                       load_tokenizer_json, read_additional, read_chat_template,
@@ -195,6 +195,39 @@ class Tokenizer:
         return cls(backend, **{f"{role}_token": token for role, token in names.items()})
 
     @classmethod
+    def train_unigram(cls, files: Sequence[str | Path] | None = None, *,
+                      iterator: Iterable[str] | None = None, vocab_size: int,
+                      extra_ids: int = unigram.DEFAULT_EXTRA_IDS,
+                      extra_special_tokens: Sequence[str] = (), max_piece_length: int = 16,
+                      show_progress: bool = False) -> Tokenizer:
+        """Train a SentencePiece-style Unigram vocabulary laid out as T5's (see `unigram.py`):
+        <pad>=0 </s>=1 <unk>=2, the pieces, `extra_special_tokens` (e.g. language tags
+        "<2de>"), then `extra_ids` sentinels with <extra_id_0> last. `vocab_size` counts them
+        all (T5's 32100 = 32000 pieces + 100 sentinels). For translation, train on both sides'
+        text for one shared vocabulary: `iterator=unigram.jsonl_texts(path, ["en", "de"])`.
+        """
+        paths = _training_files(files, iterator)
+        extras = [extra_special_tokens] if isinstance(extra_special_tokens, str) \
+            else list(extra_special_tokens)
+        unigram.check_training(vocab_size=vocab_size, extra_special_tokens=extras,
+                               extra_ids=extra_ids, max_piece_length=max_piece_length)
+        try:
+            backend = unigram.train_backend(
+                paths, iterator, vocab_size=vocab_size, extra_special_tokens=extras,
+                extra_ids=extra_ids, max_piece_length=max_piece_length,
+                show_progress=show_progress)
+        except LmlabError:
+            raise
+        except Exception as error:  # tokenizers raises a bare Exception
+            if "not large enough" in str(error):  # it keeps every character of the text
+                raise ConfigError(f"vocab_size {vocab_size} is too small for the characters of"
+                                  " the training text (each needs a piece); raise it") from error
+            source = ", ".join(map(str, paths)) if paths is not None else "iterator"
+            raise DataError(f"{source}: cannot train Unigram: {error}") from error
+        return cls(backend, **{f"{role}_token": t for role, t in unigram.T5_ROLES.items()},
+                   additional_special_tokens=[*extras, *map(unigram.sentinel, range(extra_ids))])
+
+    @classmethod
     def char_level(cls, text: str | None = None, *, files: Sequence[str | Path] | None = None,
                    special_tokens: Sequence[str] = (END_OF_TEXT,),
                    pad_token: str | None = None) -> Tokenizer:
@@ -222,7 +255,8 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Load a tokenizer.json file, or a directory with tokenizer.json (else GPT-2's vocab.json
-        + merges.txt, else BERT's vocab.txt) and optionally tokenizer_config.json /
+        + merges.txt, else BERT's vocab.txt, else T5's SentencePiece spiece.model with
+        tokenizer_config.json's `extra_ids` sentinels) and optionally tokenizer_config.json /
         special_tokens_map.json / chat_template.jinja."""
         path = Path(path)
         if not path.exists():
@@ -240,6 +274,9 @@ class Tokenizer:
         roles = read_roles(named, backend, directory)
         where = directory / "tokenizer_config.json"
         key, additional = read_additional(named, where)
+        if unigram.is_t5_layout(backend):  # as in T5Tokenizer, the sentinels are special anyway
+            unigram.check_sentinels(backend, unigram.extra_ids_of(config, additional, where), where)
+            additional = additional or list(map(backend.id_to_token, unigram.sentinel_ids(backend)))
         # As transformers does, make the named tokens special: matched whole in the input text.
         added = {t.content for t in backend.get_added_tokens_decoder().values()}
         missing = sorted(({t for t in roles.values() if t is not None} | set(additional)) - added)
@@ -286,6 +323,8 @@ class Tokenizer:
             config.update(tokenizer_class="BertTokenizer",
                           **wordpiece.normalizer_options(self._backend))
             atomic_write_text(directory / "vocab.txt", wordpiece.vocab_lines(self._backend))
+        elif unigram.is_t5(self._backend):  # T5Tokenizer(Fast) rebuilds this very pipeline
+            config.update(tokenizer_class="T5Tokenizer", extra_ids=len(self.sentinel_ids))
         atomic_write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2))
         atomic_write_text(directory / "special_tokens_map.json", json.dumps(present, indent=2))
@@ -433,6 +472,12 @@ class Tokenizer:
     def _role_id(self, role: str) -> int | None:
         token = self._special[role]
         return None if token is None else self.token_to_id(token)
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """T5's sentinel ids in order: [id of <extra_id_0>, id of <extra_id_1>, …] (descending
+        ids in T5's layout); [] for a tokenizer without them."""
+        return unigram.sentinel_ids(self._backend)
 
     @property
     def special_token_ids(self) -> frozenset[int]:
