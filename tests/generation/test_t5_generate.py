@@ -108,3 +108,33 @@ def test_source_errors(pair):
         lmlab.generate(model, torch.zeros(3, 1, dtype=torch.long), source_mask=mask)
     with pytest.raises(ValueError, match="draft_model"):
         lmlab.generate(model, source_ids=ids, draft_model=model)
+
+
+def test_beams_of_finished_sources_leave_the_batch(pair):
+    """A source whose beam search is over stops costing decoder rows (transformers decodes it
+    on until the whole batch is done); the output stays token-identical to transformers'."""
+    hf, ours = pair
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(2, 99, (6, 12), generator=g)
+    mask = torch.ones_like(ids)
+    greedy = lmlab.generate(ours, source_ids=ids, source_mask=mask, max_new_tokens=12,
+                            eos_token_id=[])
+    eos = int(greedy[:, 1:].flatten().mode().values)  # a token this model often picks: the
+    knobs = dict(num_beams=3, max_new_tokens=12, eos_token_id=eos)  # sources end at various steps
+    rows = []
+    forward = ours.forward
+
+    def counting(input_ids, **kwargs):
+        rows.append(len(input_ids))
+        return forward(input_ids, **kwargs)
+
+    ours.forward = counting
+    try:
+        got = lmlab.generate(ours, source_ids=ids, source_mask=mask, **knobs)
+    finally:
+        del ours.forward
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, **knobs)
+    assert torch.equal(got, expected)
+    assert rows[0] == 6 and rows[1] == 18  # the prefill of one row per source, then its beams
+    assert min(rows[1:]) < 18  # some sources finished before the last step

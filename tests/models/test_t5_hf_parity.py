@@ -190,3 +190,22 @@ def test_too_long_inputs_are_refused_before_any_work():
                                                 num_layers=1, num_heads=2, n_positions=6))
     with pytest.raises(ValueError, match="source of 7 tokens exceeds the model's n_positions"):
         model.encode(torch.ones(1, 7, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", VERSIONS)
+def test_logits_of_only_some_positions(tiny_t5, name):
+    """`only=` (what a loss needs: the real target positions) gives those rows of the full
+    logits, and the loss over them is transformers' loss."""
+    hf, directory = tiny_t5(name)
+    ours = from_pretrained(directory).eval()
+    source, source_mask, labels = padded_batch(seed=2)
+    keep = labels != -100
+    with torch.no_grad():
+        encoded = ours.encode(source, attention_mask=source_mask)
+        full = ours(ours.shift_right(labels), encoder_hidden=encoded, encoder_mask=source_mask)
+        some = ours(ours.shift_right(labels), encoder_hidden=encoded, encoder_mask=source_mask,
+                    only=keep)
+        expected = hf(input_ids=source, attention_mask=source_mask, labels=labels).loss
+    assert some.shape == (int(keep.sum()), ours.config.vocab_size)
+    assert_close(some, full[keep], **LOGIT_TOL)
+    assert_close(F.cross_entropy(some, labels[keep]), expected, **TOL)

@@ -135,6 +135,12 @@ class BeamState:
         all_full = torch.all(self.is_finished) & (self.early_stopping is True)
         return bool(self.can_improve.any() & ~all_full & ~torch.all(self.hits))
 
+    def prompts_done(self) -> list[bool]:
+        """Per prompt, whether its search is over: no running beam can still beat its finished
+        hypotheses. transformers decodes such prompts on (without effect) until all are done;
+        nothing they are given changes the output any more."""
+        return (~self.can_improve[:, 0]).tolist()
+
     def output(self, num_return_sequences: int) -> torch.Tensor:
         n = num_return_sequences
         sequences = self.sequences[:, :n].reshape(self.batch * n, self.max_length)

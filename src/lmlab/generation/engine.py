@@ -246,24 +246,43 @@ class _BeamGroup(_Group):
         return [row // self.config.num_beams for row in range(len(self.rows))]
 
     def choose(self, rows: list[Row], scores: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """Every beam's next token, and for each row the row it continues (the cache rows the
-        engine copies before the next step)."""
+        """The next token of each of `rows` (the running beams), and for each the index in
+        `rows` of the beam it continues (the cache rows the engine copies before the next
+        step). The beams of prompts whose search is over have left (`record`): the state, which
+        keeps every prompt, gets zeros for them, which change nothing it outputs."""
         log_probs = F.log_softmax(scores.float(), dim=-1)
+        everyone = len(rows) == len(self.rows)
+        if not everyone:
+            index = torch.tensor([row.index for row in rows], device=log_probs.device)
+            log_probs = log_probs.new_zeros(len(self.rows), log_probs.shape[-1]).index_copy_(
+                0, index, log_probs)
         if self.processors:
             log_probs = apply_processors(self.processors, self.state.flat_running(self.cur_len),
                                          log_probs)
         source = self.state.step(log_probs, self.cur_len, self.draw)
         self.cur_len += 1
         self.done = not self.state.unfinished(self.cur_len)
-        return self.state.last_tokens(self.cur_len).reshape(-1), source.tolist()
+        tokens = self.state.last_tokens(self.cur_len).reshape(-1)
+        if everyone:
+            return tokens, source.tolist()
+        place = {row.index: i for i, row in enumerate(rows)}  # a beam continues one of its prompt's
+        return tokens[index], [place[s] for s in source[index].tolist()]
 
     def record(self, rows: list[Row], tokens: list[int]) -> list[Event]:
-        """No events: a beam's tokens are final only when the search ends (`output`)."""
+        """No events: a beam's tokens are final only when the search ends (`output`). The beams
+        of a prompt whose search is over leave the batch then (transformers decodes them on,
+        without effect, until every prompt is done) — except under beam sampling, whose draws
+        take the whole batch's scores."""
         for row, token in zip(rows, tokens):
             row.tokens.append(token)
         if self.done:
             for row in self.rows:
                 row.finish_reason = "stop"
+        elif self.draw is None:
+            done = self.state.prompts_done()
+            for row in rows:
+                if done[row.index // self.config.num_beams]:
+                    row.finish_reason = "stop"
         return []
 
     def cancelled_with(self, row: Row) -> list[Row]:
@@ -443,7 +462,12 @@ class Engine:
                              else torch.log_softmax(mine.float(), dim=-1))
                 tokens, source = group.choose(rows, mine)
                 if source is not None:  # beams continue other beams: copy their cache rows
-                    self.runner.cache.copy_rows([rows[i].slot for i in source], slots)
+                    moves = [(rows[i].slot, slot) for i, slot in zip(source, slots)
+                             if rows[i].slot != slot]
+                    if moves and group.source is None:
+                        self.runner.cache.copy_rows(*zip(*moves))
+                    elif moves:  # the beams of one prompt share its source: not the extras
+                        self.runner.cache.copy_rows(*zip(*moves), extras=False)
                 new = group.record(rows, tokens.tolist())
                 if log_probs is not None:
                     _attach_logprobs(new, log_probs, tokens, group.logprobs)

@@ -20,7 +20,8 @@ An encoder–decoder adds `model.encode(source_ids, attention_mask=None, cache=c
 fills the cache's per-row `extras` (the encoder's output, or the cross-attention keys and values
 computed once per source; allocated by its `new_cache`); the cache carries them along whenever
 its rows are viewed or copied, and the decoder's forward reads them there. The engine calls it
-for the sources given to `Engine.add(..., source_ids=...)`.
+for the sources given to `Engine.add(..., source_ids=...)`. Its cache's `copy_rows` also takes
+`extras=False`, which beam search passes when beams continue beams of the same source.
 """
 
 from __future__ import annotations

@@ -181,11 +181,13 @@ class KVCache:
             self._padded[first + row] |= padded
 
     # -- moving rows -----------------------------------------------------------------------------
-    def copy_rows(self, source: list[int] | torch.Tensor, target: list[int] | torch.Tensor) -> None:
+    def copy_rows(self, source: list[int] | torch.Tensor, target: list[int] | torch.Tensor, *,
+                  extras: bool = True) -> None:
         """Row target[i] becomes a copy of row source[i] (all of them read before any is
         written, so the two may overlap): beam search continuing its surviving beams, a prompt
         expanded to its beams, a batch closing the gap a finished row left. Only the written
-        slots are copied."""
+        slots are copied; with `extras=False` not the extras either, for rows whose extras are
+        equal already (the beams of one source share its cross-attention keys and values)."""
         source = torch.as_tensor(source, dtype=torch.long)
         target = torch.as_tensor(target, dtype=torch.long)
         if source.numel() == 0:
@@ -197,7 +199,7 @@ class KVCache:
         if width:
             for buffer in (*self.keys, *self.values):
                 buffer[:, :, :width].index_copy_(0, dst, buffer[:, :, :width].index_select(0, src))
-        for t in (self.next_positions, self.valid, *self.extras.values()):
+        for t in (self.next_positions, self.valid, *(self.extras.values() if extras else ())):
             t.index_copy_(0, dst, t.index_select(0, src))
         first = self._offset
         padded = [self._padded[first + i] for i in rows]

@@ -397,13 +397,16 @@ class T5ForConditionalGeneration(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        only: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder logits (B, T, vocab_size) of `input_ids` (B, T).
 
         Teacher forcing (training, scoring): pass the encoder's output `encoder_hidden` and its
         `encoder_mask`; `attention_mask` marks the decoder's (right) padding. Decoding: pass the
         `cache` that `encode` filled; the tokens continue each row of it, and `attention_mask`
-        (B, T) marks new tokens that are padding, as for GPT."""
+        (B, T) marks new tokens that are padding, as for GPT. `only` (B, T) bool: the logits of
+        those positions alone, (N, vocab_size) — a loss needs none at the targets' padding, and
+        the output layer is a small model's largest matmul."""
         if cache is not None:
             hidden = self._decode_step(input_ids, cache, attention_mask)
         else:
@@ -413,6 +416,8 @@ class T5ForConditionalGeneration(PreTrainedModel):
             hidden = self._decode_all(input_ids, encoder_hidden, encoder_mask, attention_mask)
         if last_only:
             hidden = hidden[:, -1:]
+        if only is not None:
+            hidden = hidden[only]
         if self.config.scales_decoder_outputs:
             # v1.0 shares the embedding matrix with the output: rescale, as Mesh TF does
             hidden = hidden * self.config.d_model ** -0.5
