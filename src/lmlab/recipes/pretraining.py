@@ -1,7 +1,7 @@
-"""What the pretraining recipes (causal_lm.py, masked_lm.py) share: the config keys of data,
-model shape and step horizon; data preparation; and the run itself — data → model → the one
-training loop → a Hugging Face-layout model in RUN_DIR — into which each recipe plugs how it
-builds its model and its task.
+"""What the pretraining recipes (causal_lm.py, masked_lm.py, span_corruption.py) share: the
+config keys of data, model shape and step horizon; data preparation; and the run itself — data →
+model → the one training loop → a Hugging Face-layout model in RUN_DIR — into which each recipe
+plugs how it builds its model and its task.
 
 RUN_DIR ends up holding the final model (config.json, model.safetensors, tokenizer files:
 `lmlab.from_pretrained(RUN_DIR)` loads it), `train_config.yaml`, `metrics.jsonl`, TensorBoard
@@ -43,7 +43,7 @@ def pretraining_optim() -> OptimConfig:
 class PretrainConfig:
     """The keys every pretraining recipe has; each recipe's config adds its objective's."""
 
-    objective: str = "causal"  # the recipe: causal, mlm or mlm+nsp (each config narrows it)
+    objective: str = "causal"  # the recipe: causal, mlm, mlm+nsp or span (each config narrows it)
     # -- data
     # a prepared dataset (lmlab prepare), or raw text: files, folders, globs, JSONL — one, or a
     # list of them (a YAML list: several corpora in one run)
@@ -52,9 +52,10 @@ class PretrainConfig:
     # domain's own validation split when continuing pretraining on it
     val_data: str | list[str] | None = None
     text_field: str = "text"  # the string field of JSONL records
-    # for raw text: "bpe", "wordpiece", "char" or a tokenizer directory; "auto": the recipe's
+    # for raw text: "bpe", "wordpiece", "unigram" (T5's, with sentinels), "char" or a tokenizer
+    # directory; "auto": the recipe's
     tokenizer: str = "auto"
-    vocab_size: int = 8192  # BPE / WordPiece vocabulary size when a tokenizer is trained on the fly
+    vocab_size: int = 8192  # size of a BPE / WordPiece / Unigram tokenizer trained on the fly
     val_fraction: float = 0.1  # raw text without val_data: the share held out for validation
     # raw text: a regex between documents, e.g. '\n\s*\n' (NSP needs documents)
     doc_separator: str | None = None
