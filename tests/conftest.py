@@ -281,3 +281,52 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
         code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# -- translation: a synthetic word-substitution "language" pair, and a tiny run trained on it ----
+TRANSLATION_WORDS = {
+    "en": "ka lo mi tu be ra no si fe du pa go".split(),
+    "de": "hund katze baum haus auto buch tisch stuhl lampe fenster tuer wand".split(),
+    "fr": "chien chat arbre maison voiture livre table chaise bougie porte mur sol".split(),
+}
+# A T5 from scratch small enough to learn the substitution in seconds (lmlab finetune translation)
+TINY_TRANSLATION = ["--vocab_size", "150", "--d_model", "32", "--d_kv", "8", "--d_ff", "64",
+                    "--num_layers", "2", "--num_heads", "4", "--dropout_rate", "0",
+                    "--max_length", "32", "--batch_size", "16", "--lr", "1e-2",
+                    "--num_beams", "2", "--warmup_ratio", "0.05", "--seed", "3"]
+
+
+def translation_rows(n: int, seed: int) -> list[dict]:
+    """`n` sentences of 3–6 words, word i of "en" translated as word i of "de" and of "fr"."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.randrange(12) for _ in range(rng.randint(3, 6))]
+        rows.append({"id": i, **{lang: " ".join(vocab[w] for w in words)
+                                 for lang, vocab in TRANSLATION_WORDS.items()}})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def translation_files(tmp_path_factory):
+    """DIRECTORY with train (300), validation (40) and test (20) .jsonl pairs of the synthetic
+    languages."""
+    return write_splits(tmp_path_factory.mktemp("translation"),
+                        {"train": translation_rows(300, 0), "validation": translation_rows(40, 1),
+                         "test": translation_rows(20, 2)})
+
+
+@pytest.fixture(scope="session")
+def tiny_translation_run(translation_files, tmp_path_factory):
+    """An en → de T5 trained from scratch for 6 epochs (`lmlab finetune translation`)."""
+    from lmlab.cli import main
+
+    out = tmp_path_factory.mktemp("translation_run") / "run"
+    code = main(["finetune", "translation", "--train", str(translation_files / "train.jsonl"),
+                 "--validation", str(translation_files / "validation.jsonl"), "--source_lang", "en",
+                 "--target_lang", "de", "--epochs", "6", "--out", str(out), "--no-progress",
+                 *TINY_TRANSLATION])
+    assert code == 0
+    return out

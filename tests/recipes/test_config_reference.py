@@ -91,5 +91,5 @@ def test_help_before_a_recipe_is_picked_lists_the_shared_and_own_keys(capsys):
     assert "lmlab finetune TASK --help" in out and "docs/config-reference.md" in out
     assert "all: model, train," in out
     own = {line.split(" also:")[0].strip() for line in out.splitlines() if " also:" in line}
-    assert own == {"classification", "qa", "sft"}
+    assert own == {"classification", "qa", "sft", "translation"}
     assert "mlm+nsp also: mask_prob" in run_help(capsys, "pretrain", "--help")

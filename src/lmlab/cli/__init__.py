@@ -21,7 +21,7 @@ COMMANDS = {
     "prepare": ("lmlab.cli.prepare", "tokenize text into a memory-mapped dataset"),
     "pretrain": ("lmlab.cli.pretrain",
                  "pretrain a GPT or a BERT (--objective) with a YAML config and overrides"),
-    "finetune": ("lmlab.cli.finetune", "fine-tune a pretrained model: classification, extractive QA, SFT (+ LoRA)"),
+    "finetune": ("lmlab.cli.finetune", "fine-tune a model: classification, extractive QA, SFT (+ LoRA), translation"),
     "evaluate": ("lmlab.cli.evaluate", "score a fine-tuned model on a labelled file"),
     "predict": ("lmlab.cli.predict", "write a fine-tuned model's predictions for a file"),
     "generate": ("lmlab.cli.generate", "continue prompts with a trained model"),
@@ -31,6 +31,7 @@ COMMANDS = {
     "eval": ("lmlab.cli.eval", "perplexity, lm-evaluation-harness tasks, decoding strategies compared"),
     "qa": ("lmlab.cli.qa", "open-domain QA: index a corpus (BM25 + dense), answer questions from it"),
     "plot": ("lmlab.cli.plot", "draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl"),
+    "translate": ("lmlab.cli.translate", "translate lines (a file or stdin) with an encoder–decoder, streaming"),
 }
 
 
