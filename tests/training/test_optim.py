@@ -273,3 +273,24 @@ def test_flattened_model_saves_and_loads(tmp_path):
     for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
         assert torch.equal(p, q), name
     assert len(unique_state_dict(model)) == len(list(model.parameters()))
+
+
+def test_adafactor_steps_relative_to_each_weights_rms():
+    """`optimizer: adafactor` is torch's Adafactor over the same groups: a weight of RMS 1 and
+    one of RMS 0.01 given the same gradient move by amounts in that ratio (AdamW would move both
+    by about lr), which is what T5's unit-variance embeddings need."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False),
+                                torch.nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        model[0].weight.normal_(0, 1.0)
+        model[1].weight.normal_(0, 0.01)
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=BETAS, name="adafactor")
+    assert isinstance(optimizer, torch.optim.Adafactor)
+    before = [p.detach().clone() for p in model.parameters()]
+    gradient = torch.randn(64, 64)
+    for p in model.parameters():
+        p.grad = gradient.clone()
+    optimizer.step()
+    moves = [float((p - b).pow(2).mean().sqrt()) for p, b in zip(model.parameters(), before)]
+    assert moves[0] / moves[1] == pytest.approx(100, rel=0.05)

@@ -56,7 +56,10 @@ class OptimConfig:
     # Keys of earlier versions (pretraining's early stopping) and the names that replaced them.
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"early_stopping_patience": "patience",
                                               "early_stopping_min_delta": "min_delta"}
-    # -- AdamW and the learning-rate schedule
+    # -- the optimizer and the learning-rate schedule
+    # adamw; or adafactor (torch.optim.Adafactor: each step relative to the weight's RMS, the
+    # optimizer T5 was trained with — its initialisation, unit-variance embeddings, assumes it)
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
     lr: float = 1e-3  # peak learning rate, reached at the end of the warmup
     min_lr: float = 0.0  # the learning rate the schedule ends at
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the linear warmup
@@ -226,7 +229,8 @@ class _Trainer:
                                          weight_decay=self.optim.weight_decay,
                                          betas=(self.optim.beta1, self.optim.beta2),
                                          eps=self.optim.adam_eps, distributed=self.dist.active,
-                                         speed_layer=self.optim.cpu_kernels)
+                                         speed_layer=self.optim.cpu_kernels,
+                                         name=self.optim.optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # A model with a frozen base (LoRA) checkpoints its trainable weights only: the base is
         # the pretrained model the recipe loads again on --resume.

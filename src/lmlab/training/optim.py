@@ -1,5 +1,7 @@
 """AdamW with weight decay on matrices only (embedding tables included, as GPT-2 and nanoGPT; not
-biases or LayerNorm gains), and gradient clipping.
+biases or LayerNorm gains), and gradient clipping. Or Adafactor (`optimizer: adafactor`), whose
+steps are relative to each weight's RMS: T5's optimizer, which its initialisation (unit-variance
+embeddings, unscaled attention) is made for — under AdamW a T5 from scratch learns far slower.
 
 On one CPU process the CPU speed layer's `FlatAdamW` (lmlab/kernels/flat_adamw.py: the same
 fused AdamW arithmetic over parameters laid out in one buffer) is used where the rule of
@@ -24,7 +26,8 @@ def build_optimizer(
     eps: float = 1e-8,
     distributed: bool = False,
     speed_layer: bool = True,
-) -> FlatAdamW | torch.optim.AdamW:
+    name: str = "adamw",
+) -> FlatAdamW | torch.optim.AdamW | torch.optim.Adafactor:
     """AdamW over the model's trainable parameters in two groups (decay, no decay): a
     `FlatAdamW` where the CPU speed layer applies (one process, every parameter a CPU tensor of
     one floating dtype; building it lays the parameters out in one buffer), otherwise
@@ -42,6 +45,10 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if name == "adafactor":
+        # lr caps the relative step (torch's rho = min(lr, 1/sqrt(step))); betas and eps are
+        # AdamW's and do not apply
+        return torch.optim.Adafactor(groups, lr=lr)
     if speed_layer and kernels.flat_optimizer_applies(params, distributed=distributed):
         return FlatAdamW(groups, lr=lr, betas=betas, eps=eps)
     # The fused kernel updates every parameter in one pass instead of a dozen element-wise
