@@ -12,6 +12,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "generation": ("lmlab.cli.eval_generation", "decoding strategies on the same prompts: "
                    "quality signals and speed, as a table and a plot"),
     "harness": ("lmlab.cli.eval_harness", "lm-evaluation-harness tasks on an lmlab model"),
+    "translation": ("lmlab.cli.eval_translation", "sacreBLEU BLEU, chrF and tokenised BLEU of "
+                    "translations with their signatures; a paired bootstrap against a baseline"),
 }
 
 
