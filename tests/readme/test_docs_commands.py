@@ -5,9 +5,11 @@ Each ```bash fence is a list of commands (lines joined at a trailing backslash) 
 fence one program; they run in the order of the page, pages in reading order, in one sandbox
 that plays the user's checkout:
 
-- `configs/` holds the shipped presets, shrunk to a few steps and one epoch (the commands stay as
-  written; only the budgets the presets set are smaller) and the prompt sets of
-  `configs/prompts/` as they are;
+- `configs/` holds the shipped presets, shrunk (the commands stay as written; only what the
+  presets set is smaller): pretraining to a few steps of a one-layer, width-64 model (at the
+  shipped widths `eval perplexity` of the BERT scores every token of its excerpt through a
+  4-layer, width-256 model: a minute or more on 2 cores), fine-tuning to one epoch, SQuAD to the
+  first articles of each split; and the prompt sets of `configs/prompts/` as they are;
 - `../shared/data/` holds excerpts of the real datasets (the first rows of each file; for SQuAD
   the first paragraph and question of every article), so every file a command names exists;
 - the files a page asks the user to bring (`my_sentences.jsonl`, `corpus/`, …) are made here
@@ -51,6 +53,8 @@ STAND_IN = re.compile(r"<!-- stand-in: (.+?) -->")
 # The budgets of the shipped presets, shrunk: the commands run as written on small data.
 PRETRAIN_BUDGET = {"max_steps": 3, "eval_every": 0, "eval_tokens": 512, "save_every": 2,
                    "log_every": 1}
+# ... and their models (a key is set only where the preset has it: GPT, BERT and T5 share these)
+PRETRAIN_SHAPE = {"n_layer": 1, "n_head": 2, "n_embd": 64, "d_kv": 32, "d_ff": 128}
 FINETUNE_BUDGET = {"epochs": 1, "samples": 1, "sample_max_new_tokens": 8}
 ROWS = 24  # rows kept of every JSONL file; characters kept of text files: 1000 × ROWS
 
@@ -123,10 +127,14 @@ def shrink_configs(source: Path, target: Path) -> None:
         cfg = yaml.safe_load(path.read_text()) or {}
         if path.parent.name == "pretrain":
             cfg.update(PRETRAIN_BUDGET)
+            cfg.update({k: v for k, v in PRETRAIN_SHAPE.items() if k in cfg})
             cfg.pop("max_minutes", None)
             cfg["vocab_size"] = min(cfg.get("vocab_size", 512), 512)
         else:
             cfg.update({k: v for k, v in FINETUNE_BUDGET.items() if k in cfg or k == "epochs"})
+            for key in ("train_titles", "validation_titles", "test_titles"):  # SQuAD's splits
+                if cfg.get(key):
+                    cfg[key] = cfg[key][:4]
         out = target / path.relative_to(source)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -138,7 +146,7 @@ def user_files(checkout: Path, data: Path) -> None:
     sentences = [json.dumps({"sentence": json.loads(line)["sentence"]}) for line in sst2[:8]]
     (checkout / "my_sentences.jsonl").write_text("\n".join(sentences) + "\n")
     (checkout / "new.jsonl").write_text("\n".join(sentences) + "\n")
-    for name, rows in (("train.jsonl", sst2[:16]), ("validation.jsonl", sst2[16:20]),
+    for name, rows in (("train.jsonl", sst2[:8]), ("validation.jsonl", sst2[16:20]),
                        ("other.jsonl", sst2[20:24])):
         (checkout / name).write_text("\n".join(rows) + "\n")
     shakespeare = (data / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8")
