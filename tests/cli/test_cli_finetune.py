@@ -159,6 +159,7 @@ def test_every_finetune_yaml_loads(path):
     cfg = load_recipe_config(recipe, path)
     sft = {"instructions_sft", "sgd_dialogue", "poetry"}
     assert recipe.name == ("qa" if path.stem == "squad" else "sft" if path.stem in sft
+                           else "translation" if path.stem.startswith("translation_")
                            else "classification")
     assert cfg.train and cfg.validation and cfg.test
     data = ROOT / ".." / "shared" / "data"

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 PAGES = ["README.md", "docs/training.md", "docs/finetuning.md", "docs/generation.md",
          "docs/serving.md", "docs/architecture.md", "docs/config-reference.md",
-         "docs/evaluation.md"]
+         "docs/evaluation.md", "docs/translation.md"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 NOT_RUN = re.compile(r"<!-- not-run: (.+?) -->")
 STAND_IN = re.compile(r"<!-- stand-in: (.+?) -->")
@@ -56,6 +56,9 @@ PRETRAIN_BUDGET = {"max_steps": 3, "eval_every": 0, "eval_tokens": 512, "save_ev
 # ... and their models (a key is set only where the preset has it: GPT, BERT and T5 share these)
 PRETRAIN_SHAPE = {"n_layer": 1, "n_head": 2, "n_embd": 64, "d_kv": 32, "d_ff": 128}
 FINETUNE_BUDGET = {"epochs": 1, "samples": 1, "sample_max_new_tokens": 8}
+# ... and the shape of a T5 the translation presets build from scratch
+SCRATCH_SHAPE = {"vocab_size": 400, "d_model": 64, "d_kv": 32, "num_heads": 2, "d_ff": 128,
+                 "num_layers": 1}
 ROWS = 24  # rows kept of every JSONL file; characters kept of text files: 1000 × ROWS
 
 
@@ -135,6 +138,9 @@ def shrink_configs(source: Path, target: Path) -> None:
             for key in ("train_titles", "validation_titles", "test_titles"):  # SQuAD's splits
                 if cfg.get(key):
                     cfg[key] = cfg[key][:4]
+            if isinstance(cfg.get("scratch"), dict):  # translation from scratch
+                cfg["scratch"].update(SCRATCH_SHAPE)
+                cfg.pop("max_minutes", None)
         out = target / path.relative_to(source)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -154,6 +160,9 @@ def user_files(checkout: Path, data: Path) -> None:
                                ("more", "c.txt", 2)):
         (checkout / folder).mkdir(exist_ok=True)
         (checkout / folder / name).write_text(shakespeare[part * 6000:(part + 1) * 6000])
+    pairs = (data / "multi30k_en_de" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    (checkout / "sentences.en").write_text("".join(json.loads(line)["en"] + "\n"
+                                                   for line in pairs[:4]))
     (checkout / "notes.jsonl").write_text("\n".join(
         json.dumps({"text": shakespeare[i:i + 400]}) for i in range(18000, 24000, 400)) + "\n")
 
