@@ -4,10 +4,13 @@ all: tests import helpers from it as `conftest`, so a second conftest.py would s
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +112,51 @@ def tiny_t5(tmp_path_factory):
         return built[name]
 
     return get
+
+
+# -- small corpora for the pretraining objectives: learnable by a tiny model in a few steps --
+SUBJECTS = ["the cat", "a dog", "my friend", "the old farmer", "every child", "the teacher"]
+VERBS = ["sees", "likes", "paints", "follows", "remembers", "carries"]
+OBJECTS = ["the river", "a red apple", "the quiet village", "seven stones", "the morning sun"]
+WORDS = ["river", "stone", "village", "morning", "farmer", "apple", "teacher", "quietly", "red"]
+
+
+def simple_sentence(rng) -> str:
+    return f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+
+
+def write_simple_documents(path: Path, *, n: int = 80, seed: int = 0) -> Path:
+    """A JSONL of `n` documents of 4-11 simple sentences each."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            text = " ".join(simple_sentence(rng) for _ in range(int(rng.integers(4, 12))))
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def write_word_documents(path: Path, *, n: int = 40, seed: int = 0) -> list[str]:
+    """A JSONL of `n` documents of 10-39 random WORDS; returns their texts."""
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, int(rng.integers(10, 40)))) + "." for _ in range(n)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return texts
+
+
+def fit_task(task, model, *, steps: int, lr: float = 3e-3) -> tuple[dict, dict]:
+    """The task's evaluation before and after `steps` AdamW steps on its own batches (each
+    micro-batch's summed loss over the step's target count, as the loop does)."""
+    before = task.evaluate(model.eval())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        batches = task.train_batches(step)
+        total = sum(task.num_targets(b) for b in batches)
+        for b in batches:
+            (task.loss(model, b) / total).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return before, task.evaluate(model.eval())
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from lmlab.tokenizer import Tokenizer
 from lmlab.recipes.masked_lm import build_model
 from lmlab.recipes.pretraining import pretrain_recipe
 
+from conftest import simple_sentence, write_simple_documents  # noqa: E402
 from test_cli_errors import one_line, run_cli  # noqa: E402  (same folder)
 
 transformers = pytest.importorskip("transformers")
@@ -29,9 +30,6 @@ TINY_BERT = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size"
              "--no-progress", "--eval_every", "0", "--save_every", "0", "--warmup_steps", "5",
              "--lr", "3e-3", "--min_lr", "3e-4", "--dropout", "0.0"]
 
-SUBJECTS = ["the cat", "a dog", "my friend", "the old farmer", "every child", "the teacher"]
-VERBS = ["sees", "likes", "paints", "follows", "remembers", "carries"]
-OBJECTS = ["the river", "a red apple", "the quiet village", "seven stones", "the morning sun"]
 
 
 @pytest.fixture(autouse=True)
@@ -42,14 +40,7 @@ def _one_thread(single_thread):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A JSONL of 80 documents of simple sentences: learnable, and documents for NSP."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("bert_corpus") / "docs.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(80):
-            text = " ".join(f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
-                            for _ in range(int(rng.integers(4, 12))))
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
+    return write_simple_documents(tmp_path_factory.mktemp("bert_corpus") / "docs.jsonl")
 
 
 def metrics(run: Path) -> list[dict]:
@@ -178,8 +169,8 @@ def test_minilm_context_and_objective_mismatches_are_one_line_errors(capsys, cor
 def test_raw_text_cut_into_documents_for_nsp(capsys, tmp_path) -> None:
     """Plain text with blank lines between documents (BERT's corpus format), prepared on the fly."""
     rng = np.random.default_rng(1)
-    documents = ["\n".join(f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
-                           for _ in range(int(rng.integers(4, 10)))) for _ in range(60)]
+    documents = ["\n".join(simple_sentence(rng) for _ in range(int(rng.integers(4, 10))))
+                 for _ in range(60)]
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
     run = tmp_path / "run"

@@ -9,10 +9,9 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, write_simple_documents
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -30,9 +29,6 @@ TINY_T5 = {"n_layer": 1, "n_head": 2, "n_embd": 32, "d_kv": 16, "d_ff": 64, "blo
            "save_every": 0, "warmup_steps": 5, "lr": 3e-3, "min_lr": 3e-4, "dropout": 0.0,
            "val_fraction": 0.2}
 
-SUBJECTS = ["the cat", "a dog", "my friend", "the old farmer", "every child", "the teacher"]
-VERBS = ["sees", "likes", "paints", "follows", "remembers", "carries"]
-OBJECTS = ["the river", "a red apple", "the quiet village", "seven stones", "the morning sun"]
 
 
 @pytest.fixture(autouse=True)
@@ -42,14 +38,7 @@ def _one_thread(single_thread):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("t5_corpus") / "docs.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(80):
-            text = " ".join(f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
-                            for _ in range(int(rng.integers(4, 12))))
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
+    return write_simple_documents(tmp_path_factory.mktemp("t5_corpus") / "docs.jsonl")
 
 
 def flags(values: dict) -> list[str]:

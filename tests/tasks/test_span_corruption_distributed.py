@@ -4,16 +4,15 @@ resumes exactly in one process (batches are a function of (seed, step, row))."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lmlab.data.prepare import prepare_dataset
 from lmlab.recipes.pretraining import pretrain_recipe
 from lmlab.tokenizer import Tokenizer
 
+from conftest import write_word_documents
 from torchrun_helpers import (  # tests/ is on sys.path (rootdir conftest, no __init__)
     assert_close_weights, assert_same_trajectory, copy_cut_back, torchrun_pretrain)
 
@@ -23,15 +22,12 @@ SHAPE = dict(objective="span", n_layer=1, n_head=2, n_embd=32, d_ff=64, block_si
              dropout=0.0, max_steps=6, save_every=3, eval_every=3, eval_tokens=256, keep_last=0,
              warmup_steps=1, log_every=1, tensorboard=False, seed=5, grad_accum=2, lr=3e-3,
              min_lr=3e-4, adam_eps=1e-6)
-WORDS = ["river", "stone", "village", "morning", "farmer", "apple", "teacher", "quietly", "red"]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("span_dist")
-    rng = np.random.default_rng(0)
-    texts = [" ".join(rng.choice(WORDS, int(rng.integers(10, 40)))) + "." for _ in range(40)]
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    texts = write_word_documents(root / "docs.jsonl")
     prepare_dataset(root / "docs.jsonl", tokenizer=Tokenizer.train_unigram(
         iterator=texts, vocab_size=80, extra_ids=10), out_dir=root / "ds", val_fraction=0.2)
     return root / "ds"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import fit_task
 from torch.testing import assert_close
 
 from lmlab.data.span_corruption import sentinel_decode
@@ -155,17 +156,7 @@ def test_validation_corruption_is_fixed(tokenizer, data) -> None:
 def test_tiny_span_pretraining_lowers_validation_loss(tokenizer, data) -> None:
     model = tiny_t5(tokenizer)
     task = make_task(tokenizer, data, batch_size=16)
-    before = task.evaluate(model.eval())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(40):
-        batches = task.train_batches(step)
-        total = sum(task.num_targets(b) for b in batches)
-        for b in batches:
-            (task.loss(model, b) / total).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    after = task.evaluate(model.eval())
+    before, after = fit_task(task, model, steps=40)
     assert after["val_loss"] < before["val_loss"] - 1.5
     assert after["val_acc"] > before["val_acc"] + 0.2
 
