@@ -13,9 +13,8 @@ from lmlab import kernels
 from lmlab.data.dataset import TokenDataset
 from lmlab.errors import ConfigError
 from lmlab.models.gpt import GPT, GPTConfig
-from lmlab.models.hf import from_pretrained
 from lmlab.recipes import run_steps
-from lmlab.recipes.pretraining import (PretrainConfig, PretrainResult, check_context,
+from lmlab.recipes.pretraining import (PretrainConfig, PretrainResult, load_init_from,
                                        run_pretraining, validation_split)
 from lmlab.recipes.registry import Recipe, register_recipe
 from lmlab.tasks.causal_lm import CausalLMTask
@@ -40,12 +39,7 @@ class CausalLMConfig(PretrainConfig):
 def build_model(cfg: CausalLMConfig, tokenizer: Tokenizer) -> GPT:
     """A new GPT shaped by `cfg`, or `cfg.init_from`'s, on the CPU."""
     if cfg.init_from is not None:
-        model = from_pretrained(cfg.init_from)
-        if not isinstance(model, GPT):
-            raise ConfigError(f"init_from {cfg.init_from}: a {type(model).__name__} cannot be "
-                              "trained as a causal LM; use objective mlm or mlm+nsp")
-        check_context(cfg, model)
-        return model
+        return load_init_from(cfg, GPT, "trained as a causal LM; use objective mlm or mlm+nsp")
     return GPT(GPTConfig(
         vocab_size=tokenizer.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head, activation=cfg.activation, bias=cfg.bias,

@@ -22,6 +22,7 @@ from lmlab.config import read_yaml
 from lmlab.data.dataset import META_FILE, TokenDataset
 from lmlab.data.prepare import build_tokenizer, prepare_dataset
 from lmlab.errors import ConfigError, DataError
+from lmlab.models.hf import from_pretrained
 from lmlab.recipes import run_steps
 from lmlab.recipes.registry import Recipe, find_recipe, load_recipe_config
 from lmlab.tokenizer import Tokenizer
@@ -164,6 +165,17 @@ def _check_same_data_settings(cfg: PretrainConfig, run_dir: Path) -> None:
 
 def _resolved(data: str | list[str]) -> list[Path]:
     return [Path(d).resolve() for d in ([data] if isinstance(data, str) else data)]
+
+
+def load_init_from(cfg: PretrainConfig, cls: type, refusal: str):
+    """`cfg.init_from`'s model, which must be a `cls` whose context window holds block_size;
+    `refusal` says what another class cannot be trained as (and what to do instead)."""
+    model = from_pretrained(cfg.init_from)
+    if not isinstance(model, cls):
+        raise ConfigError(f"init_from {cfg.init_from}: a {type(model).__name__} cannot be "
+                          f"{refusal}")
+    check_context(cfg, model)
+    return model
 
 
 def check_context(cfg: PretrainConfig, model) -> None:

@@ -18,10 +18,9 @@ import torch
 
 from lmlab.data.dataset import TokenDataset
 from lmlab.errors import ConfigError
-from lmlab.models.hf import from_pretrained
 from lmlab.models.t5 import T5Config, T5ForConditionalGeneration
 from lmlab.recipes import run_steps
-from lmlab.recipes.pretraining import (PretrainConfig, PretrainResult, check_context,
+from lmlab.recipes.pretraining import (PretrainConfig, PretrainResult, load_init_from,
                                        run_pretraining, validation_split)
 from lmlab.recipes.registry import Recipe, register_recipe
 from lmlab.tasks.span_corruption import SpanCorruptionTask, span_lengths
@@ -81,12 +80,8 @@ class SpanCorruptionConfig(PretrainConfig):
 def build_model(cfg: SpanCorruptionConfig, tokenizer: Tokenizer) -> T5ForConditionalGeneration:
     """A new T5 shaped by `cfg`, or `cfg.init_from`'s, on the CPU."""
     if cfg.init_from is not None:
-        model = from_pretrained(cfg.init_from)
-        if not isinstance(model, T5ForConditionalGeneration):
-            raise ConfigError(f"init_from {cfg.init_from}: a {type(model).__name__} cannot be "
-                              "trained with span corruption; it needs an encoder–decoder (T5)")
-        check_context(cfg, model)
-        return model
+        return load_init_from(cfg, T5ForConditionalGeneration, "trained with span corruption; "
+                              "it needs an encoder–decoder (T5)")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ConfigError("objective span needs <pad> and </s> in the tokenizer (T5's); use "
                           "tokenizer unigram or a T5 tokenizer directory")
