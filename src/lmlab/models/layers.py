@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
@@ -16,6 +17,27 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "relu": F.relu,
 }
+
+
+class Dropout(nn.Module):
+    """nn.Dropout's function (each element zeroed with probability p, the rest scaled by
+    1/(1-p)), with a cheaper mask on the CPU: torch's CPU dropout draws a Bernoulli per element,
+    `rand_like(x) >= p` one vectorised uniform — a T5 training step 1.16× faster on 2 cores
+    (benchmarks/t5_speed.py). On accelerators F.dropout is already one fused kernel."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def label_names(id2label) -> list[str]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from lmlab.errors import ConfigError
 from lmlab.models.base import PreTrainedModel
 from lmlab.models.kv_cache import CacheStep, KVCache
+from lmlab.models.layers import Dropout
 
 # feed_forward_proj → (activation, gated). Transformers' T5 parses the same strings.
 FEED_FORWARD = {"relu": ("relu", False), "gated-gelu": ("gelu_new", True),
@@ -192,7 +193,7 @@ class T5LayerSelfAttention(nn.Module):
         self.SelfAttention = T5Attention(config, bidirectional=bidirectional,
                                          has_relative_attention_bias=has_relative_attention_bias)
         self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x, *, bias, layer=0, cache=None, step=None):
         y = self.SelfAttention(self.layer_norm(x), bias=bias, layer=layer, cache=cache, step=step)
@@ -205,7 +206,7 @@ class T5LayerCrossAttention(nn.Module):
         self.EncDecAttention = T5Attention(config, bidirectional=True,
                                            has_relative_attention_bias=False)
         self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x, *, bias, keys, values):
         y = self.EncDecAttention(self.layer_norm(x), bias=bias, keys=keys, values=values)
@@ -220,7 +221,7 @@ class T5DenseActDense(nn.Module):
         super().__init__()
         self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
         self.act = _ACTIVATIONS[activation]
 
     def forward(self, x):
@@ -235,7 +236,7 @@ class T5DenseGatedActDense(nn.Module):
         self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
         self.act = _ACTIVATIONS[activation]
 
     def forward(self, x):
@@ -249,7 +250,7 @@ class T5LayerFF(nn.Module):
         dense = T5DenseGatedActDense if gated else T5DenseActDense
         self.DenseReluDense = dense(config, activation)
         self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x):
         return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
@@ -292,7 +293,7 @@ class T5Stack(nn.Module):
         self.block = nn.ModuleList(T5Block(config, is_decoder=is_decoder, first=i == 0)
                                    for i in range(layers))
         self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     @property
     def first_attention(self) -> T5Attention:
