@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from lmlab.config import read_yaml  # noqa: E402
 from lmlab.evaluation.translation import paired_bootstrap  # noqa: E402
+from lmlab.fileio import atomic_write_text  # noqa: E402
 
 TARGETS = ("de", "fr", "cs")
 TAG_STYLES = {"source_token": "<2xx> on the source", "forced_bos": "forced first token"}
@@ -87,8 +88,8 @@ def span_runs(out: Path, minutes: float, pretrain_minutes: float) -> None:
     text = out / "monolingual_en_de.txt"
     if not text.is_file():
         pairs = [json.loads(line) for line in (ROOT / preset["train"]).read_text().splitlines()]
-        text.write_text("".join(f"{pair[preset[side]].strip()}\n" for side in
-                                ("source_lang", "target_lang") for pair in pairs))
+        atomic_write_text(text, "".join(f"{pair[preset[side]].strip()}\n" for side in
+                                        ("source_lang", "target_lang") for pair in pairs))
     pretrain = {**read_yaml(ROOT / "configs/pretrain/t5_span.yaml"), "data": str(text),
                 "dropout": preset["scratch"]["dropout_rate"], "max_minutes": pretrain_minutes}
     config = write_config(out, "pretrain", pretrain)
@@ -113,13 +114,13 @@ def hypotheses(run: Path, lang: str | None = None) -> tuple[list[str], list[str]
     return [row["hypothesis"] for row in rows], [row["reference"] for row in rows]
 
 
-def cell(run: Path, suffix: str = "", baseline: Path | None = None, lang: str | None = None,
-         multi: bool = False) -> str:
+def cell(run: Path, suffix: str = "", baseline: Path | None = None,
+         lang: str | None = None) -> str:
     scores = results(run)["test"]
     text = f"{scores['bleu' + suffix]:.2f} ({scores['chrf' + suffix]:.1f})"
     if baseline is not None:
         base_hyps, refs = hypotheses(baseline)
-        hyps, refs_b = hypotheses(run, lang if multi else None)
+        hyps, refs_b = hypotheses(run, lang)  # a multilingual run's rows of that direction
         if refs != refs_b:
             raise SystemExit(f"{run} and {baseline} translated different test sets")
         test = paired_bootstrap(base_hyps, hyps, refs, target_lang=lang)
@@ -132,7 +133,8 @@ def training(run: Path) -> str:
     return f"{figures['steps']:,} steps, {figures['train_seconds'] / 60:.1f} min"
 
 
-def multilingual_table(out: Path, minutes: float) -> str:
+def multilingual_table(out: Path) -> str:
+    minutes = read_yaml(out / "configs" / f"bilingual_{TARGETS[0]}.yaml")["max_minutes"]
     head = (f"| direction | bilingual, {minutes:g} min each | "
             + " | ".join(f"multilingual, {label}, {3 * minutes:g} min" for label in
                          TAG_STYLES.values()) + " |")
@@ -140,9 +142,9 @@ def multilingual_table(out: Path, minutes: float) -> str:
     for lang in TARGETS:
         bilingual = out / f"bilingual_{lang}"
         lines.append(f"| en→{lang} | {cell(bilingual)} | " + " | ".join(
-            cell(out / f"multi_{style}", f"_{lang}", bilingual, lang, multi=True)
+            cell(out / f"multi_{style}", f"_{lang}", bilingual, lang)
             for style in TAG_STYLES) + " |")
-    mean = sum(results(out / f"bilingual_{lang}")["test"]["bleu"] for lang in TARGETS) / 3
+    mean = sum(results(out / f"bilingual_{lang}")["test"]["bleu"] for lang in TARGETS) / len(TARGETS)
     lines.append(f"| mean BLEU | {mean:.2f} | " + " | ".join(
         f"{results(out / f'multi_{style}')['test']['bleu']:.2f}" for style in TAG_STYLES) + " |")
     lines.append("| training | " + " / ".join(training(out / f"bilingual_{lang}")
@@ -182,12 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.study == "multilingual":
         if not args.table_only:
             multilingual_runs(args.out, args.minutes)
-        table = multilingual_table(args.out, args.minutes)
+        table = multilingual_table(args.out)
     else:
         if not args.table_only:
             span_runs(args.out, args.minutes, args.pretrain_minutes)
         table = span_table(args.out)
-    (args.out / "table.md").write_text(table + "\n")
+    atomic_write_text(args.out / "table.md", table + "\n")
     print(table)
 
 
