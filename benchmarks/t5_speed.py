@@ -9,6 +9,9 @@ Two measurements, each alternating lmlab and transformers calls in one process (
    tokens, -100 at padding, on both sides. lmlab's optimizer is the one its training loop builds
    (`lmlab.training.optim.build_optimizer`); transformers' model gets torch's fused AdamW, the
    same two groups (weight decay on matrices). Tokens/s counts the real source and target tokens.
+   Then, alternating in a pairing of their own, lmlab's model against a copy with torch's
+   `nn.Dropout` swapped back in for its own (`lmlab.models.layers.Dropout`, a cheaper CPU
+   mask): what that mask is worth.
 2. Beam-5 translation of the Multi30k test sentences (1,000) in batches of 32 (file order),
    `lmlab.generate(model, source_ids=, source_mask=)` against `transformers`' `generate`: every
    output is checked identical, then sentences/s. Each batch runs on both sides, the order
@@ -26,6 +29,7 @@ vocabulary of 8,000 trained on both sides of the training pairs (`Tokenizer.trai
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -36,12 +40,14 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import alternate, machine, median, update_section  # noqa: E402
 
 import lmlab  # noqa: E402
+from lmlab.models.layers import Dropout  # noqa: E402
 from lmlab.models.t5 import T5Config, T5ForConditionalGeneration  # noqa: E402
 from lmlab.tokenizer import Tokenizer, unigram  # noqa: E402
 from lmlab.training.optim import build_optimizer  # noqa: E402
@@ -120,27 +126,47 @@ def bench_training(tokenizer, pairs, variant: str, *, batch: int, rounds: int) -
         a = float(loss_of(ours, source, mask, labels))
         b = float(hf(input_ids=source, attention_mask=mask, labels=labels).loss)
     assert abs(a - b) < 1e-4 * max(1.0, abs(b)), f"{variant}: losses differ: lmlab {a}, hf {b}"
-    ours.train(), hf.train()
-    ours_opt = build_optimizer(ours, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
+    torch_dropout = with_torch_dropout(ours)
+    ours.train(), hf.train(), torch_dropout.train()
     hf_opt = torch.optim.AdamW(groups(hf), lr=LR, betas=BETAS, fused=True)
 
-    def step_ours():
-        loss_of(ours, source, mask, labels).backward()
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
+    def lmlab_step(model):
+        optimizer = build_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
+
+        def step():
+            loss_of(model, source, mask, labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
 
     def step_hf():
         hf(input_ids=source, attention_mask=mask, labels=labels).loss.backward()
         hf_opt.step()
         hf_opt.zero_grad(set_to_none=True)
 
+    step_ours = lmlab_step(ours)
     times = alternate({"transformers": step_hf, "lmlab": step_ours}, rounds=rounds, warmup=2)
     hf_s, ours_s = median(times["transformers"]), median(times["lmlab"])
     print(f"train {variant}: transformers {1000 * hf_s:.0f} ms, lmlab {1000 * ours_s:.0f} ms "
           f"per step; ×{hf_s / ours_s:.2f}", flush=True)
+    # The dropout mask's worth, in a pairing of its own (the peer's pairing stays as it was)
+    times = alternate({"lmlab": step_ours, "lmlab, nn.Dropout": lmlab_step(torch_dropout)},
+                      rounds=rounds, warmup=1)
+    dropout_gain = median(times["lmlab, nn.Dropout"]) / median(times["lmlab"])
+    print(f"train {variant}: lmlab's dropout ×{dropout_gain:.2f} against nn.Dropout", flush=True)
     return {"variant": variant, "tokens": tokens, "source_len": source.shape[1],
             "target_len": labels.shape[1], "hf_s": hf_s, "ours_s": ours_s,
-            "parameters": ours.num_parameters()}
+            "dropout_gain": dropout_gain, "parameters": ours.num_parameters()}
+
+
+def with_torch_dropout(model: T5ForConditionalGeneration) -> T5ForConditionalGeneration:
+    """A copy of `model` whose dropout layers are torch's `nn.Dropout` (same p)."""
+    twin = copy.deepcopy(model)
+    for module in list(twin.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Dropout):
+                setattr(module, name, nn.Dropout(child.p))
+    return twin
 
 
 # -- 2. beam-5 translation ---------------------------------------------------------------------------
@@ -244,13 +270,14 @@ def main() -> None:
         f"d_model 256, d_kv 32, 8 heads, d_ff 1024, 3 + 3 layers, vocabulary "
         f"{tokenizer.vocab_size}; median of {args.rounds} alternating steps:", "",
         "| variant | parameters | batch (source × target) | transformers tokens/s | "
-        "lmlab tokens/s | lmlab / transformers |",
-        "|---|---:|---|---:|---:|---:|",
+        "lmlab tokens/s | lmlab / transformers | lmlab's dropout / nn.Dropout |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in training:
         lines.append(f"| {r['variant']} | {r['parameters'] / 1e6:.1f} M | {args.batch} × "
                      f"({r['source_len']}, {r['target_len']}) | {r['tokens'] / r['hf_s']:,.0f} | "
-                     f"{r['tokens'] / r['ours_s']:,.0f} | **{r['hf_s'] / r['ours_s']:.2f}×** |")
+                     f"{r['tokens'] / r['ours_s']:,.0f} | **{r['hf_s'] / r['ours_s']:.2f}×** | "
+                     f"{r['dropout_gain']:.2f}× |")
     lines += [
         "",
         f"Beam-5 translation of {tr['sentences']} test sentences, batches of {args.beam_batch}, "
