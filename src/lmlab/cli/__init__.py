@@ -30,6 +30,8 @@ COMMANDS = {
     "serve": ("lmlab.cli.serve", "an OpenAI-compatible HTTP server with continuous batching"),
     "eval": ("lmlab.cli.eval", "perplexity, lm-evaluation-harness tasks, decoding strategies compared"),
     "qa": ("lmlab.cli.qa", "open-domain QA: index a corpus (BM25 + dense), answer questions from it"),
+    "average": ("lmlab.cli.average",
+                "average a run's last N checkpoints into one model (as MT systems do)"),
     "plot": ("lmlab.cli.plot", "draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl"),
     "translate": ("lmlab.cli.translate", "translate lines (a file or stdin) with an encoder–decoder, streaming"),
 }
