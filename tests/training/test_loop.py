@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.tasks.causal_lm import CausalLMTask
 from lmlab.training.checkpoint import latest_valid, list_checkpoints
-from lmlab.training.loop import LoopConfig, OptimConfig, TrainingStopped, train
+from lmlab.training.loop import (LoopConfig, OptimConfig, TrainingStopped, steps_that_fit,
+                                 train)
 from lmlab.training.optim import build_optimizer
 from lmlab.training.schedule import lr_at
 
@@ -244,6 +245,60 @@ def test_time_budget_cuts_max_steps_and_the_schedule_still_decays(tmp_path):
     assert lrs[-1] == pytest.approx(lr_at(result.steps - 1, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                                           max_steps=result.steps))
     assert lrs[-1] == pytest.approx(3e-4, rel=0.1)
+
+
+def test_steps_that_fit_leave_time_for_the_evaluations_to_come():
+    # 100 s at 1 s a step: 100 steps, so 10 evaluations every 10 steps and the final one
+    assert steps_that_fit(100, 100.0, per_step=1.0, eval_every=10, eval_seconds=1.0) == \
+        100 + int(0.97 * (100 - 11))
+    assert steps_that_fit(100, 100.0, per_step=1.0, eval_every=0, eval_seconds=5.0) == \
+        100 + int(0.97 * 95)
+    assert steps_that_fit(7, -3.0, per_step=1.0, eval_every=10, eval_seconds=1.0) == 7
+
+
+class FakeClock:
+    """The loop's clock, advanced by the task alone: steps cost 1 ms while the budget is
+    calibrated, then 30 ms — a run whose first steps misjudge the rest (batch lengths that vary,
+    a shared machine) — and evaluations nothing. Deterministic, whatever the machine does."""
+
+    def __init__(self):
+        self.now, self.calls = 0.0, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def step(self) -> None:
+        self.calls += 1
+        self.now += 0.001 if self.calls <= 40 else 0.03
+
+
+def test_time_budget_is_fitted_again_after_each_evaluation(tmp_path, monkeypatch):
+    import lmlab.training.loop as loop_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(loop_module, "time", clock)
+
+    class Task(CausalLMTask):
+        def loss(self, model, batch):
+            clock.step()
+            return super().loss(model, batch)
+
+    tokens = corpus()
+    # a validation split of one batch: every evaluation, the final one too, costs one call
+    task = Task(train_tokens=tokens[:16_000], val_tokens=tokens[16_000:16_065], block_size=16,
+                batch_size=4, grad_accum=1, seed=7, device=torch.device("cpu"), eval_tokens=64)
+    result = train(tiny_model(), task,
+                   loop_config(max_steps=5_000, max_minutes=0.05, eval_every=10, save_every=0),
+                   run_dir=tmp_path, device=torch.device("cpu"))
+    # Fitted once, from the 1 ms steps, the 3 s budget would hold ~2,900 steps (87 s at 30 ms).
+    # Fitted again after each evaluation, the run ends within its budget, having used most of it.
+    assert 2.5 <= clock.now <= 3.0, f"{clock.now:.2f} s for a 3 s budget ({result.steps} steps, {clock.calls} calls)"
+    assert 110 <= result.steps <= 130  # ~37 fast steps, then what 30 ms steps fit
+    state = torch.load(latest_valid(tmp_path).path / "state.pt", weights_only=True)
+    assert state["max_steps"] == result.steps
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if "lr" in json.loads(x)]
+    assert lrs[-1] == pytest.approx(3e-4, rel=0.1)  # the schedule still ends at its floor
 
 
 def test_continued_pretraining_refuses_data_from_another_tokenizer(tmp_path):

@@ -40,6 +40,16 @@ log = logging.getLogger(__name__)
 CALIBRATION = (5, 25)  # a time-budgeted run times steps 5..25 to fix its number of steps
 
 
+def steps_that_fit(step: int, remaining: float, *, per_step: float, eval_every: int,
+                   eval_seconds: float) -> int:
+    """The horizon (a step number) that `remaining` seconds reach from `step`, at `per_step`
+    seconds a step and `eval_seconds` for each evaluation still to come (one every
+    `eval_every` steps, and the final one), with 3% to spare."""
+    steps = int(max(remaining, 0.0) / per_step)
+    n_evals = 1 + (steps // eval_every if eval_every else 0)
+    return step + int(0.97 * max(remaining - n_evals * eval_seconds, 0.0) / per_step)
+
+
 class Task(Protocol):
     def train_batches(self, step: int) -> list[dict[str, torch.Tensor]]: ...
     def num_targets(self, batch: dict[str, torch.Tensor]) -> int: ...
@@ -430,14 +440,35 @@ class _Trainer:
         decays over the steps that will really run. Rank 0 decides for all."""
         per_step = (time.perf_counter() - t_calibrate) / (CALIBRATION[1] - CALIBRATION[0])
         remaining = self.optim.max_minutes * 60 - (time.perf_counter() - t_begin)
-        fit = self.step + int(remaining / per_step)
-        n_evals = 1 + ((fit - self.step) // self.cfg.eval_every if self.cfg.eval_every else 0)
-        fit = self.step + int(0.97 * (remaining - n_evals * eval_seconds) / per_step)
-        fit = self.dist.broadcast(fit)
+        fit = self.dist.broadcast(steps_that_fit(self.step, remaining, per_step=per_step,
+                                                 eval_every=self.cfg.eval_every,
+                                                 eval_seconds=eval_seconds))
         if fit < self.max_steps:
             self.max_steps = max(self.step + 1, fit)
             log.info("time budget: training for %d steps", self.max_steps)
         self.budget_fixed = True
+
+    def refit_time_budget(self, t_begin: float, eval_seconds: float,
+                          since: tuple[float, int]) -> None:
+        """Fit the budget again after an evaluation, from the steps since the last one (`since`:
+        the step clock's seconds and steps then) and the mean cost of an evaluation: twenty
+        steps of calibration misjudge a run whose batches vary in length or whose machine is
+        shared (a run fitted to 7,255 steps in 60 minutes was on course for 72). Never beyond
+        the configured horizon; the schedule follows the new horizon from here (a linear or
+        cosine decay bends by as much as the horizon moved)."""
+        seconds, steps = self.clock.seconds - since[0], self.clock.steps - since[1]
+        if steps <= 0:
+            return
+        per_step = seconds / steps
+        remaining = self.optim.max_minutes * 60 - (time.perf_counter() - t_begin)
+        fit = self.dist.broadcast(steps_that_fit(self.step, remaining, per_step=per_step,
+                                                 eval_every=self.cfg.eval_every,
+                                                 eval_seconds=eval_seconds))
+        fit = min(self.cfg.max_steps, max(self.step + 1, fit))
+        if fit != self.max_steps:
+            log.info("time budget: training for %d steps (was %d; %.2f s a step, %.1f s an "
+                     "evaluation so far)", fit, self.max_steps, per_step, eval_seconds)
+            self.max_steps = fit
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, *, resume: bool | Literal["auto"]) -> TrainResult:
@@ -474,6 +505,10 @@ class _Trainer:
         self.bad_in_a_row, train_loss = 0, None
         stopped_early = self.tracker.should_stop  # resuming a run that had stopped early
         t_calibrate = time.perf_counter()
+        # A budgeted run fits its horizon again after each evaluation — not after a resume,
+        # whose clock started over (it keeps the horizon it was fitted to).
+        refit, evals = not self.budget_fixed, [eval_seconds] if first_metrics else []
+        since = (self.clock.seconds, self.clock.steps)  # the step clock at the last fit
         self.stop.install()
         while self.step < self.max_steps and not stopped_early:
             t0 = time.perf_counter()
@@ -498,7 +533,13 @@ class _Trainer:
                 bar.total = self.max_steps
                 bar.refresh()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != self.max_steps:
+                t_eval = time.perf_counter()
                 last_metrics = self.evaluate()
+                evals.append(time.perf_counter() - t_eval)
+                if refit and self.budget_fixed:
+                    self.refit_time_budget(t_begin, sum(evals) / len(evals), since)
+                    since = (self.clock.seconds, self.clock.steps)
+                    bar.total = self.max_steps
                 if self.tracker.should_stop:
                     stopped_early = True
                     log.info("early stopping at step %d: %s has not improved for %d evaluations "
