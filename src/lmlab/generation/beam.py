@@ -71,10 +71,12 @@ class BeamState:
         return self.running[:, :, cur_len - 1].reshape(-1, 1)
 
     def step(self, log_probs: torch.Tensor, cur_len: int, draw) -> torch.Tensor:
-        """Advance by one token given processed log-probs (B · nb, V); return, per new running
-        beam, the flat row (batch · nb + beam) it continues — the KV-cache reorder index."""
+        """Advance by one token given processed log-probs (B · nb, V), which it overwrites;
+        return, per new running beam, the flat row (batch · nb + beam) it continues — the
+        KV-cache reorder index."""
         batch, nb, vocab = self.batch, self.num_beams, log_probs.shape[-1]
-        scores = log_probs.view(batch, nb, vocab) + self.running_scores[:, :, None]
+        # in place: log_probs is the caller's scratch (a fresh 5 MB tensor costs page faults)
+        scores = log_probs.view(batch, nb, vocab).add_(self.running_scores[:, :, None])
         scores = scores.reshape(batch, nb * vocab)
         if draw is None:
             cand_scores, cand = torch.topk(scores, k=self.k)

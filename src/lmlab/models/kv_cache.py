@@ -22,6 +22,7 @@ paths: slice writes, and no mask (one query) or SDPA's own causal mask (a fresh 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -92,6 +93,10 @@ class KVCache:
         # Per-row tensors a model carries along with its rows (an encoder's output for
         # cross-attention, say): row views, copies and selections apply to them too.
         self.extras: dict[str, torch.Tensor] = {}
+        # Tensors a model derives once per cache and every step reads whole (a table of
+        # position biases, say): not per row, so row copies and views leave them alone.
+        self.constants: dict[str, torch.Tensor] = {}
+        self._spare: dict[torch.dtype, torch.Tensor] = {}  # copy_rows' scratch, shared by views
 
     # -- shape and state -------------------------------------------------------------------------
     @property
@@ -120,6 +125,8 @@ class KVCache:
         view.next_positions = self.next_positions[start:stop]
         view.valid = self.valid[start:stop]
         view.extras = {name: t[start:stop] for name, t in self.extras.items()}
+        view.constants = self.constants
+        view._spare = self._spare
         return view
 
     # -- one forward pass ------------------------------------------------------------------------
@@ -198,14 +205,33 @@ class KVCache:
         src, dst = source.to(device), target.to(device)
         if width:
             for buffer in (*self.keys, *self.values):
-                buffer[:, :, :width].index_copy_(0, dst, buffer[:, :, :width].index_select(0, src))
-        for t in (self.next_positions, self.valid, *(self.extras.values() if extras else ())):
+                rows_ = buffer[:, :, :width]
+                moved = self._scratch(rows_, len(rows))
+                torch.index_select(rows_, 0, src, out=moved)
+                rows_.index_copy_(0, dst, moved)
+        for t in (self.next_positions, self.valid):
             t.index_copy_(0, dst, t.index_select(0, src))
+        for t in self.extras.values() if extras else ():
+            moved = self._scratch(t, len(rows))
+            torch.index_select(t, 0, src, out=moved)
+            t.index_copy_(0, dst, moved)
         first = self._offset
         padded = [self._padded[first + i] for i in rows]
         for i, j in enumerate(target.tolist()):
             self._lengths[first + j] = lengths[rows[i]]
             self._padded[first + j] = padded[i]
+
+    def _scratch(self, like: torch.Tensor, rows: int) -> torch.Tensor:
+        """A contiguous (rows, *like.shape[1:]) tensor in memory kept between calls: beam search
+        moves megabytes of cache rows every step, and a fresh buffer that size costs its page
+        faults every time (the allocator hands large blocks back to the system)."""
+        shape = (rows, *like.shape[1:])
+        need = math.prod(shape)
+        spare = self._spare.get(like.dtype)
+        if spare is None or spare.numel() < need:
+            spare = self._spare[like.dtype] = torch.empty(need, dtype=like.dtype,
+                                                          device=like.device)
+        return spare[:need].view(shape)
 
     def truncate(self, lengths: int | list[int]) -> None:
         """Forget every row's slots from `lengths[r]` on (one int: the same for all rows):
