@@ -4,6 +4,8 @@
     python scripts/odqa_squad.py                              recall@1/5/20 on half A
     python scripts/odqa_squad.py --half B                     the same on half B (for tuning)
     python scripts/odqa_squad.py --reader runs/squad --top-k 1 5 10   + end-to-end EM/F1
+    python scripts/odqa_squad.py --half B --reader runs/squad --retrieval-weight 0 1 2 4
+                                                  (weights compared on one reading: tuning)
 
 The corpus is every paragraph of dev-v1.1.json (2,067), each a passage titled with its article
 (evaluation/retrieval.py: the indexed text is "title. paragraph"). The questions are one half of
@@ -92,8 +94,9 @@ def recall(ranked: list[list[int]], qs) -> dict[str, float]:
             for k in KS}
 
 
-def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weight: float) -> dict:
-    """EM/F1 reading the top-k passages (each k of `top_ks`), and given the gold paragraph."""
+def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weights: list[float]) -> dict:
+    """EM/F1 reading the top-k passages (each k of `top_ks`, each retrieval weight of `weights`:
+    one reading serves them all), and given the gold paragraph."""
     import math
 
     from lmlab.recipes.finetuning import load_run
@@ -102,7 +105,7 @@ def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weight: float) -> 
     reader = load_run(reader_dir, device="cpu")
     check_reader(reader)
     gold = [(q["id"], q["answers"]) for q in qs]
-    best = {k: {} for k in top_ks}
+    best = {(k, w): {} for k in top_ks for w in weights}
     at_gold = {}
     t0 = time.perf_counter()
     for n, (q, r) in enumerate(zip(qs, ranked)):
@@ -111,16 +114,21 @@ def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weight: float) -> 
         spans = dict(zip(read_ids, read(reader, q["question"],
                                         [passages[p].text for p in read_ids])))
         at_gold[q["id"]] = spans[q["gold"]][0]
-        for k in top_ks:
-            scored = [(spans[p][1] - weight * math.log(rank), spans[p][0])
+        for k, w in best:
+            scored = [(spans[p][1] - w * math.log(rank), spans[p][0])
                       for rank, p in enumerate(top[:k], 1) if math.isfinite(spans[p][1])]
-            best[k][q["id"]] = max(scored)[1] if scored else ""
+            best[k, w][q["id"]] = max(scored)[1] if scored else ""
         if (n + 1) % 500 == 0:
             print(f"  read {n + 1}/{len(qs)} questions ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr)
     return {"gold_paragraph": squad_scores(at_gold, gold),
-            **{f"top{k}": squad_scores(best[k], gold) for k in top_ks},
+            **{label(k, w, weights): squad_scores(found, gold) for (k, w), found in best.items()},
             "reader_seconds": time.perf_counter() - t0}
+
+
+def label(k: int, weight: float, weights: list[float]) -> str:
+    """top{k}, or top{k}/W={weight} when several weights are compared."""
+    return f"top{k}" if len(weights) == 1 else f"top{k}/W={weight:g}"
 
 
 def main() -> int:
@@ -135,7 +143,8 @@ def main() -> int:
     p.add_argument("--reader", help="a fine-tuned QA run: also end-to-end EM/F1")
     p.add_argument("--retriever", choices=["bm25", "dense", "hybrid"], default="hybrid")
     p.add_argument("--top-k", type=int, nargs="+", default=[1, 5, 10])
-    p.add_argument("--retrieval-weight", type=float, default=1.0)
+    p.add_argument("--retrieval-weight", type=float, nargs="+", default=[1.0],
+                   help="W in span score − W·ln(rank); several values share one reading")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
 
@@ -179,16 +188,19 @@ def main() -> int:
     if args.reader:
         chosen = (ranked[args.retriever] if args.retriever != "hybrid"
                   else fuse(ranked, args.rrf_k[0]))
-        e2e = end_to_end(args.reader, qs, passages, chosen, sorted(args.top_k),
-                         args.retrieval_weight)
+        weights = args.retrieval_weight
+        e2e = end_to_end(args.reader, qs, passages, chosen, sorted(args.top_k), weights)
         results["end_to_end"] = {"retriever": args.retriever,
-                                 "retrieval_weight": args.retrieval_weight, **e2e}
+                                 "retrieval_weight": weights[0] if len(weights) == 1 else weights,
+                                 **e2e}
         g = e2e["gold_paragraph"]
         print(f"reader on the gold paragraph: EM {g['exact_match']:.1f} / F1 {g['f1']:.1f}")
         for k in sorted(args.top_k):
-            s = e2e[f"top{k}"]
-            print(f"end to end, {args.retriever} top-{k}: EM {s['exact_match']:.1f} / F1 "
-                  f"{s['f1']:.1f} ({100 * s['f1'] / g['f1']:.0f}% of the gold-paragraph F1)")
+            for w in weights:
+                s = e2e[label(k, w, weights)]
+                print(f"end to end, {args.retriever} top-{k}, W = {w:g}: EM "
+                      f"{s['exact_match']:.1f} / F1 {s['f1']:.1f} "
+                      f"({100 * s['f1'] / g['f1']:.0f}% of the gold-paragraph F1)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

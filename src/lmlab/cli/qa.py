@@ -35,12 +35,13 @@ def add_arguments(parser) -> None:
     ask.add_argument("--reader", required=True, help="a fine-tuned QA run (lmlab finetune qa)")
     ask.add_argument("--retriever", choices=RETRIEVERS, default="hybrid",
                      help="bm25, dense, or hybrid (reciprocal-rank fusion, k = 60; default)")
-    ask.add_argument("--top-k", type=int, default=10, help="passages to read (default 10)")
+    # top-k and W: the best pair on SQuAD dev's half B (docs/evaluation.md, "Measured")
+    ask.add_argument("--top-k", type=int, default=5, help="passages to read (default 5)")
     ask.add_argument("--rrf-k", type=int, default=RRF_K,
                      help=f"hybrid: the k of 1 / (k + rank) (default {RRF_K})")
     ask.add_argument("--answers", type=int, default=3, help="answers to print (default 3)")
-    ask.add_argument("--retrieval-weight", type=float, default=1.0,
-                     help="score = span score - W * ln(retrieval rank) (default 1; 0: the "
+    ask.add_argument("--retrieval-weight", type=float, default=2.0,
+                     help="score = span score - W * ln(retrieval rank) (default 2; 0: the "
                           "reader alone)")
     ask.add_argument("--encoder", help="the question encoder: must be the index's (default "
                                        "the one its manifest.json names)")

@@ -64,7 +64,7 @@ def read(run: FinetunedRun, question: str, passages: Sequence[str]) -> list[tupl
 
 
 def answer(question: str, *, index: Index, reader: FinetunedRun, retriever: str = "hybrid",
-           top_k: int = 10, retrieval_weight: float = 1.0, n_answers: int = 3,
+           top_k: int = 5, retrieval_weight: float = 2.0, n_answers: int = 3,
            rrf_k: int = RRF_K) -> list[Answer]:
     """The best `n_answers` answers to `question` from the `top_k` passages `retriever` finds,
     best first (one per passage)."""
