@@ -203,18 +203,13 @@ class KVCache:
         width = max(lengths[i] for i in rows)
         device = self.next_positions.device
         src, dst = source.to(device), target.to(device)
-        if width:
-            for buffer in (*self.keys, *self.values):
-                rows_ = buffer[:, :, :width]
-                moved = self._scratch(rows_, len(rows))
-                torch.index_select(rows_, 0, src, out=moved)
-                rows_.index_copy_(0, dst, moved)
-        for t in (self.next_positions, self.valid):
-            t.index_copy_(0, dst, t.index_select(0, src))
-        for t in self.extras.values() if extras else ():
+        written = [b[:, :, :width] for b in (*self.keys, *self.values)] if width else []
+        for t in (*written, *(self.extras.values() if extras else ())):
             moved = self._scratch(t, len(rows))
             torch.index_select(t, 0, src, out=moved)
             t.index_copy_(0, dst, moved)
+        for t in (self.next_positions, self.valid):
+            t.index_copy_(0, dst, t.index_select(0, src))
         first = self._offset
         padded = [self._padded[first + i] for i in rows]
         for i, j in enumerate(target.tolist()):

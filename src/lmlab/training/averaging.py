@@ -41,30 +41,26 @@ def average_weights(checkpoints: list[ckpt_io.Checkpoint]) -> dict[str, torch.Te
     must be equal in every checkpoint, and are taken as they are."""
     if not checkpoints:
         raise CheckpointError("no checkpoints to average")
-    total: dict[str, torch.Tensor] = {}
-    first_names: set[str] | None = None
-    for ckpt in checkpoints:
+    first, *rest = checkpoints
+    weights, _ = ckpt_io.read_checkpoint(first)
+    dtypes = {name: t.dtype for name, t in weights.items()}
+    total = {name: t.double() if t.is_floating_point() else t for name, t in weights.items()}
+    for ckpt in rest:
         weights, _ = ckpt_io.read_checkpoint(ckpt)
-        if first_names is None:
-            first_names = set(weights)
-            total = {name: t.double() if t.is_floating_point() else t.clone()
-                     for name, t in weights.items()}
-            dtypes = {name: t.dtype for name, t in weights.items()}
-            continue
-        if set(weights) != first_names:
-            odd = sorted(set(weights) ^ first_names)[:3]
+        if set(weights) != set(total):
+            odd = sorted(set(weights) ^ set(total))[:3]
             raise CheckpointError(f"{ckpt.path}: its weights are not the same set as "
-                                  f"{checkpoints[0].path}'s (differ in {odd})")
+                                  f"{first.path}'s (differ in {odd})")
         for name, tensor in weights.items():
             if tensor.shape != total[name].shape:
                 raise CheckpointError(f"{ckpt.path}: weight '{name}' has shape "
-                                      f"{tuple(tensor.shape)}, {checkpoints[0].path}'s has "
+                                      f"{tuple(tensor.shape)}, {first.path}'s has "
                                       f"{tuple(total[name].shape)}")
             if tensor.is_floating_point():
                 total[name] += tensor.double()
             elif not torch.equal(tensor, total[name]):
                 raise CheckpointError(f"{ckpt.path}: integer tensor '{name}' differs from "
-                                      f"{checkpoints[0].path}'s; it cannot be averaged")
+                                      f"{first.path}'s; it cannot be averaged")
     n = len(checkpoints)
     return {name: (t / n).to(dtypes[name]) if t.is_floating_point() else t
             for name, t in total.items()}

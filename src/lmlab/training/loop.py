@@ -439,14 +439,18 @@ class _Trainer:
         first, slower steps) — leaving time for the evaluations still to come — so the schedule
         decays over the steps that will really run. Rank 0 decides for all."""
         per_step = (time.perf_counter() - t_calibrate) / (CALIBRATION[1] - CALIBRATION[0])
-        remaining = self.optim.max_minutes * 60 - (time.perf_counter() - t_begin)
-        fit = self.dist.broadcast(steps_that_fit(self.step, remaining, per_step=per_step,
-                                                 eval_every=self.cfg.eval_every,
-                                                 eval_seconds=eval_seconds))
+        fit = self.budget_horizon(t_begin, per_step, eval_seconds)
         if fit < self.max_steps:
             self.max_steps = max(self.step + 1, fit)
             log.info("time budget: training for %d steps", self.max_steps)
         self.budget_fixed = True
+
+    def budget_horizon(self, t_begin: float, per_step: float, eval_seconds: float) -> int:
+        """The step the rest of the budget reaches at these costs (rank 0's, for all ranks)."""
+        remaining = self.optim.max_minutes * 60 - (time.perf_counter() - t_begin)
+        return self.dist.broadcast(steps_that_fit(self.step, remaining, per_step=per_step,
+                                                  eval_every=self.cfg.eval_every,
+                                                  eval_seconds=eval_seconds))
 
     def refit_time_budget(self, t_begin: float, eval_seconds: float,
                           since: tuple[float, int]) -> None:
@@ -460,11 +464,8 @@ class _Trainer:
         if steps <= 0:
             return
         per_step = seconds / steps
-        remaining = self.optim.max_minutes * 60 - (time.perf_counter() - t_begin)
-        fit = self.dist.broadcast(steps_that_fit(self.step, remaining, per_step=per_step,
-                                                 eval_every=self.cfg.eval_every,
-                                                 eval_seconds=eval_seconds))
-        fit = min(self.cfg.max_steps, max(self.step + 1, fit))
+        fit = min(self.cfg.max_steps,
+                  max(self.step + 1, self.budget_horizon(t_begin, per_step, eval_seconds)))
         if fit != self.max_steps:
             log.info("time budget: training for %d steps (was %d; %.2f s a step, %.1f s an "
                      "evaluation so far)", fit, self.max_steps, per_step, eval_seconds)
