@@ -6,6 +6,9 @@
     python scripts/odqa_squad.py --reader runs/squad --top-k 1 5 10   + end-to-end EM/F1
     python scripts/odqa_squad.py --half B --reader runs/squad --retrieval-weight 0 1 2 4
                                                   (weights compared on one reading: tuning)
+    python scripts/odqa_squad.py --half B --reader runs/squad_negatives --scoring span relative
+                                                  (span scores with and without the no-answer
+                                                  logits subtracted, on one reading)
 
 The corpus is every paragraph of dev-v1.1.json (2,067), each a passage titled with its article
 (evaluation/retrieval.py: the indexed text is "title. paragraph"). The questions are one half of
@@ -94,41 +97,53 @@ def recall(ranked: list[list[int]], qs) -> dict[str, float]:
             for k in KS}
 
 
-def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weights: list[float]) -> dict:
-    """EM/F1 reading the top-k passages (each k of `top_ks`, each retrieval weight of `weights`:
-    one reading serves them all), and given the gold paragraph."""
+def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weights: list[float],
+               scorings: list[str] | None) -> dict:
+    """EM/F1 reading the top-k passages (each k of `top_ks`, each retrieval weight of `weights`,
+    each span scoring of `scorings`: one reading serves them all), and given the gold paragraph.
+    Scorings: "span" (start + end logit) and "relative" (minus the [CLS] no-answer logits);
+    None = the reader's own (open_qa.relative_scores)."""
     import math
 
     from lmlab.recipes.finetuning import load_run
-    from lmlab.recipes.open_qa import check_reader, read
+    from lmlab.recipes.open_qa import check_reader, read_logits, relative_scores
+    from lmlab.tasks.qa import best_spans
 
     reader = load_run(reader_dir, device="cpu")
     check_reader(reader)
+    scorings = scorings or ["relative" if relative_scores(reader) else "span"]
     gold = [(q["id"], q["answers"]) for q in qs]
-    best = {(k, w): {} for k in top_ks for w in weights}
+    settings = [(k, w, s) for k in top_ks for w in weights for s in scorings]
+    best = {setting: {} for setting in settings}
     at_gold = {}
     t0 = time.perf_counter()
     for n, (q, r) in enumerate(zip(qs, ranked)):
         top = r[:max(top_ks)]
         read_ids = top + ([q["gold"]] if q["gold"] not in top else [])
-        spans = dict(zip(read_ids, read(reader, q["question"],
-                                        [passages[p].text for p in read_ids])))
-        at_gold[q["id"]] = spans[q["gold"]][0]
-        for k, w in best:
-            scored = [(spans[p][1] - w * math.log(rank), spans[p][0])
-                      for rank, p in enumerate(top[:k], 1) if math.isfinite(spans[p][1])]
-            best[k, w][q["id"]] = max(scored)[1] if scored else ""
+        logits = read_logits(reader, q["question"], [passages[p].text for p in read_ids])
+        spans = {s: dict(zip(read_ids, best_spans(*logits, n_best=reader.cfg.n_best,
+                                                  max_answer_length=reader.cfg.max_answer_length,
+                                                  relative=s == "relative")))
+                 for s in scorings}
+        at_gold[q["id"]] = spans[scorings[0]][q["gold"]][0]
+        for k, w, s in settings:
+            scored = [(spans[s][p][1] - w * math.log(rank), spans[s][p][0])
+                      for rank, p in enumerate(top[:k], 1) if math.isfinite(spans[s][p][1])]
+            best[k, w, s][q["id"]] = max(scored)[1] if scored else ""
         if (n + 1) % 500 == 0:
             print(f"  read {n + 1}/{len(qs)} questions ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr)
     return {"gold_paragraph": squad_scores(at_gold, gold),
-            **{label(k, w, weights): squad_scores(found, gold) for (k, w), found in best.items()},
+            **{label(*setting, weights, scorings): squad_scores(found, gold)
+               for setting, found in best.items()},
             "reader_seconds": time.perf_counter() - t0}
 
 
-def label(k: int, weight: float, weights: list[float]) -> str:
-    """top{k}, or top{k}/W={weight} when several weights are compared."""
-    return f"top{k}" if len(weights) == 1 else f"top{k}/W={weight:g}"
+def label(k: int, weight: float, scoring: str, weights: list[float], scorings: list[str]) -> str:
+    """top{k}, with /W={weight} when several weights and /{scoring} when several scorings are
+    compared."""
+    return (f"top{k}" + (f"/W={weight:g}" if len(weights) > 1 else "")
+            + (f"/{scoring}" if len(scorings) > 1 else ""))
 
 
 def main() -> int:
@@ -145,6 +160,9 @@ def main() -> int:
     p.add_argument("--top-k", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--retrieval-weight", type=float, nargs="+", default=[1.0],
                    help="W in span score − W·ln(rank); several values share one reading")
+    p.add_argument("--scoring", nargs="+", choices=["span", "relative"],
+                   help="span scores: start + end logit, or relative to the [CLS] no-answer "
+                        "logits; several share one reading (default: the reader's own)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
 
@@ -189,16 +207,16 @@ def main() -> int:
         chosen = (ranked[args.retriever] if args.retriever != "hybrid"
                   else fuse(ranked, args.rrf_k[0]))
         weights = args.retrieval_weight
-        e2e = end_to_end(args.reader, qs, passages, chosen, sorted(args.top_k), weights)
+        e2e = end_to_end(args.reader, qs, passages, chosen, sorted(args.top_k), weights,
+                         args.scoring)
         results["end_to_end"] = {"retriever": args.retriever,
                                  "retrieval_weight": weights[0] if len(weights) == 1 else weights,
                                  **e2e}
         g = e2e["gold_paragraph"]
         print(f"reader on the gold paragraph: EM {g['exact_match']:.1f} / F1 {g['f1']:.1f}")
-        for k in sorted(args.top_k):
-            for w in weights:
-                s = e2e[label(k, w, weights)]
-                print(f"end to end, {args.retriever} top-{k}, W = {w:g}: EM "
+        for key, s in e2e.items():
+            if key.startswith("top"):
+                print(f"end to end, {args.retriever} {key}: EM "
                       f"{s['exact_match']:.1f} / F1 {s['f1']:.1f} "
                       f"({100 * s['f1'] / g['f1']:.0f}% of the gold-paragraph F1)")
     if args.json:

@@ -181,6 +181,38 @@ def test_qa_index_and_ask_round_trip(capsys, tmp_path, corpus_file, tiny_bert_di
     assert printed.startswith("1. ") and "[Gamma]" in printed
 
 
+def test_a_reader_trained_with_negatives_is_read_relative_to_its_no_answer_score(
+        tmp_path, tiny_index, tiny_reader):
+    from lmlab.recipes.finetuning import load_run
+    from lmlab.recipes.open_qa import answer, read, read_logits
+    from lmlab.tasks.qa import best_spans
+
+    trained = tmp_path / "reader"
+    shutil.copytree(tiny_reader, trained)
+    with open(trained / "train_config.yaml", "a") as f:
+        f.write("negatives: 1\n")
+    plain, negatives = load_run(tiny_reader, device="cpu"), load_run(trained, device="cpu")
+    question = "Who discovered gamma rays?"
+    passages = [c["text"] for c in CORPUS]
+    absolute = read(plain, question, passages)
+    relative = read(negatives, question, passages)
+    assert read(negatives, question, passages, relative=False) == absolute
+    # by hand: each window's start logits lowered by its own [CLS] start + end logit (a shift
+    # that keeps its n-best order), then the plain decoding
+    examples, windows, starts, ends = read_logits(plain, question, passages)
+    assert len(windows) > len(passages)  # 48-token windows: several per passage
+    shifted = [s - (s[0] + e[0]) for s, e in zip(starts, ends)]
+    expected = best_spans(examples, windows, shifted, ends, n_best=plain.cfg.n_best,
+                          max_answer_length=plain.cfg.max_answer_length)
+    assert [t for t, _ in relative] == [t for t, _ in expected]
+    assert [r for _, r in relative] == pytest.approx([x for _, x in expected])
+    assert [r for _, r in relative] != pytest.approx([a for _, a in absolute])
+    index = load_index(tiny_index)
+    found = answer(question, index=index, reader=negatives, retriever="bm25", top_k=4,
+                   retrieval_weight=0.0, n_answers=4)
+    assert sorted(a.span_score for a in found) == pytest.approx(sorted(s for _, s in relative))
+
+
 def _one_line_error(code, err, *needles):
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("lmlab qa: error: "), err

@@ -118,6 +118,44 @@ def test_decoding_picks_the_best_window_of_each_question(tok):
     assert [t for t, _ in spans] == ["alpha", "omicron pi"]
 
 
+def test_relative_scores_subtract_each_window_s_no_answer_logits(tok):
+    examples = [example("alpha", "a"), example("omicron pi", "b")]
+    windows = qa.make_windows(tok, examples, max_length=32, stride=4)
+    starts, ends = oracle_logits(windows)  # the right span scores 20 in both
+    starts[0][0], ends[0][0] = 4.0, 3.0  # question "a": its passage looks unanswerable
+    starts[1][0], ends[1][0] = -1.0, -2.0
+    absolute = qa.best_spans(examples, windows, starts, ends)
+    relative = qa.best_spans(examples, windows, starts, ends, relative=True)
+    assert [t for t, _ in relative] == [t for t, _ in absolute] == ["alpha", "omicron pi"]
+    assert [s for _, s in absolute] == [20.0, 20.0]
+    assert [s for _, s in relative] == [20.0 - 7.0, 20.0 + 3.0]
+
+
+def test_negatives_are_the_bm25_best_contexts_without_the_answer():
+    contexts = ["the river flows past the old mill in the north",
+                "the mill by the river was built in 1850 by a miller",
+                "the river north of the mill freezes in winter; the mill was built in 1850",
+                "mountains rise far from any river"]
+    examples = [qa.QAExample(id="q1", question="when was the mill by the river built?",
+                             context=contexts[1], answers=["1850"],
+                             answer_starts=[contexts[1].index("1850")]),
+                qa.QAExample(id="q2", question="where do mountains rise?", context=contexts[3],
+                             answers=["far from any river"],
+                             answer_starts=[contexts[3].index("far")]),
+                qa.QAExample(id="q3", question="what flows past the mill?", context=contexts[0],
+                             answers=["the river"], answer_starts=[0])]
+    out = qa.with_negatives(examples, 2)
+    assert out[:3] == examples
+    negatives = {e.id: e for e in out[3:]}
+    assert all(not e.answers and not e.answer_starts for e in out[3:])
+    # q1: contexts[2] ranks high but holds "1850" (it answers the question): skipped
+    assert [negatives[f"q1/negative{k}"].context for k in range(2)] == [contexts[0], contexts[3]]
+    assert negatives["q1/negative0"].question == examples[0].question
+    # q3: every other context says "the river" (SQuAD-normalised: "river"), so none is a negative
+    assert not any(i.startswith("q3/") for i in negatives)
+    assert qa.with_negatives(examples, 0) == examples
+
+
 def test_read_squad_selects_articles_and_checks_answers(tmp_path):
     data = {"version": "1.1", "data": [
         {"title": "A", "paragraphs": [{"context": CONTEXT, "qas": [

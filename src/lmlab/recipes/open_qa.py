@@ -2,8 +2,9 @@
 read each with a fine-tuned extractive QA run (`lmlab finetune qa`), rank the answers.
 
 The reader is the QA task's own decoding (tasks/qa.py: windows, n-best start/end logits, the best
-span per passage, scored by start + end logit). An answer's score combines that span score with
-the passage's retrieval rank:
+span per passage, scored by start + end logit; for a reader trained with negative passages,
+`negatives` > 0, minus the window's [CLS] no-answer logits, which that training makes comparable
+across passages). An answer's score combines that span score with the passage's retrieval rank:
 
     score = span score − retrieval_weight · ln(rank)       (rank from 1)
 
@@ -31,7 +32,7 @@ from lmlab.tasks import qa
 class Answer:
     text: str
     score: float  # the combined score (see the module docstring)
-    span_score: float  # the reader's start + end logit
+    span_score: float  # the reader's start + end logit (− its no-answer logits: see above)
     retrieval: Hit  # the passage it was read from: index, retrieval score, rank
     title: str
     passage: str
@@ -43,9 +44,27 @@ def check_reader(run: FinetunedRun) -> None:
                           "with an extractive QA run (lmlab finetune qa)")
 
 
-def read(run: FinetunedRun, question: str, passages: Sequence[str]) -> list[tuple[str, float]]:
+def relative_scores(run: FinetunedRun) -> bool:
+    """Whether the reader's span scores are taken relative to its no-answer score: only a reader
+    trained with negative passages has learned one."""
+    return getattr(run.cfg, "negatives", 0) > 0
+
+
+def read(run: FinetunedRun, question: str, passages: Sequence[str], *,
+         relative: bool | None = None) -> list[tuple[str, float]]:
     """(answer text, span score) of the reader's best span in each passage; ("", -inf) when it
-    finds none. A question that leaves no room for a passage in the reader's window is an error."""
+    finds none. `relative` (default: `relative_scores(run)`) scores spans minus their window's
+    no-answer logits. A question that leaves no room for a passage in the reader's window is an
+    error."""
+    examples, windows, starts, ends = read_logits(run, question, passages)
+    return qa.best_spans(examples, windows, starts, ends, n_best=run.cfg.n_best,
+                         max_answer_length=run.cfg.max_answer_length,
+                         relative=relative_scores(run) if relative is None else relative)
+
+
+def read_logits(run: FinetunedRun, question: str, passages: Sequence[str]):
+    """(examples, windows, start logits, end logits) of `question` on each passage: what
+    qa.best_spans decodes."""
     cfg = run.cfg
     n = len(run.tokenizer.encode(question.lstrip()))
     if n + 3 >= cfg.max_length:  # [CLS] question [SEP] passage [SEP]: a passage token at least
@@ -56,11 +75,9 @@ def read(run: FinetunedRun, question: str, passages: Sequence[str]) -> list[tupl
                              answer_starts=[]) for i, p in enumerate(passages)]
     windows = qa.make_windows(run.tokenizer, examples, max_length=cfg.max_length,
                               stride=cfg.stride)
-    task = qa.QATask(train=None, val=None, plan=None, device=run.device,
-                     pad_id=pad_id(run.tokenizer), eval_batch_size=cfg.eval_size,
-                     n_best=cfg.n_best, max_answer_length=cfg.max_answer_length)
-    spans, _ = task.predict(run.model, examples, windows)
-    return spans
+    starts, ends, _ = qa.window_logits(run.model, windows, batch_size=cfg.eval_size,
+                                       pad_id=pad_id(run.tokenizer), device=run.device)
+    return examples, windows, starts, ends
 
 
 def answer(question: str, *, index: Index, reader: FinetunedRun, retriever: str = "hybrid",

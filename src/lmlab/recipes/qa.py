@@ -9,6 +9,7 @@ question, answer, score, gold answers, EM, F1) and `predictions_<split>.json`, t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from lmlab.tasks import qa
 from lmlab.tokenizer import Tokenizer
 from lmlab.training.loop import OptimConfig
 
+log = logging.getLogger(__name__)
+
 # The span models and how each starts from a pretrained encoder with a new head.
 SPAN_MODELS = {BertForQuestionAnswering: BertForQuestionAnswering.from_encoder}
 
@@ -41,6 +44,7 @@ class FinetuneQAConfig(FinetuneConfig):
     stride: int = 128  # tokens shared by consecutive windows of a long context
     max_answer_length: int = 30  # the longest answer span, in tokens
     n_best: int = 20  # start and end candidates per window
+    negatives: int = 0  # per training question, this many unanswerable BM25-ranked other contexts
     # SQuAD files hold articles; these pick some by title (e.g. one half of a set for training)
     train_titles: list[str] | None = None
     validation_titles: list[str] | None = None  # the same, for the validation file
@@ -54,11 +58,15 @@ class FinetuneQAConfig(FinetuneConfig):
                               f"max_length {self.max_length}")
         if self.max_answer_length <= 0 or self.n_best <= 0:
             raise ConfigError("max_answer_length and n_best must be positive")
+        if self.negatives < 0:
+            raise ConfigError(f"negatives must be >= 0, got {self.negatives}")
 
 
-def read_windows(cfg: FinetuneQAConfig, path: str | Path, titles, tokenizer: Tokenizer):
-    """(examples, windows) of a SQuAD-format file, the articles `titles` names (all if None)."""
-    examples = qa.read_squad(Path(path), titles=titles)
+def read_windows(cfg: FinetuneQAConfig, path: str | Path, titles, tokenizer: Tokenizer, *,
+                 negatives: int = 0):
+    """(examples, windows) of a SQuAD-format file, the articles `titles` names (all if None),
+    with `negatives` unanswerable contexts per question (qa.with_negatives)."""
+    examples = qa.with_negatives(qa.read_squad(Path(path), titles=titles), negatives)
     return examples, qa.make_windows(tokenizer, examples, max_length=cfg.max_length,
                                      stride=cfg.stride)
 
@@ -81,7 +89,12 @@ def finetune_qa(cfg: FinetuneQAConfig, *, run_dir: str | Path, resume: bool = Fa
     if cls is None:
         raise ConfigError(f"model: {model_dir} is not a BERT encoder; extractive QA needs one")
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    _, train_windows = read_windows(cfg, cfg.train, cfg.train_titles, tokenizer)
+    train_examples, train_windows = read_windows(cfg, cfg.train, cfg.train_titles, tokenizer,
+                                                 negatives=cfg.negatives)
+    if cfg.negatives:
+        unanswerable = sum(not e.answers for e in train_examples)
+        log.info("training on %d questions and %d unanswerable negatives (%d windows)",
+                 len(train_examples) - unanswerable, unanswerable, len(train_windows))
     val = read_windows(cfg, cfg.validation, cfg.validation_titles, tokenizer)
     test = read_windows(cfg, cfg.test, cfg.test_titles, tokenizer) if cfg.test else None
     model = dist.place(adapt(cfg, SPAN_MODELS[cls](model_dir)), device)

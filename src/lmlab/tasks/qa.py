@@ -7,10 +7,17 @@ is labelled with the first and last token of the answer when the whole answer li
 with [CLS] (index 0), as in BERT's SQuAD recipe. At evaluation the best span over all windows of a
 question is chosen from the `n_best` start and end logits of each, at most `max_answer_length`
 tokens long, and mapped back to the characters of the context through the token offsets.
+
+For open-domain reading (recipes/open_qa.py) a span's score must compare across passages, which a
+reader that has only seen answerable contexts cannot give: `with_negatives` adds, per training
+question, other contexts of the set that BM25 ranks high for it but that hold none of its answers,
+labelled with [CLS]. A reader trained so scores a span relative to its window's no-answer score,
+start + end logit − the [CLS] start + end logit (`best_spans(relative=True)`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import DataError
-from lmlab.evaluation.squad import squad_scores
+from lmlab.evaluation.squad import normalize_answer, squad_scores
 from lmlab.tasks.batching import (NO_TARGETS, EpochPlan, length_sorted_batches, pad_rows,
                                   to_device, without_targets)
 from lmlab.tokenizer import Tokenizer
@@ -112,6 +119,30 @@ def _example(qa, context: str, where: str) -> QAExample:
                      context=context, answers=answers, answer_starts=starts)
 
 
+def with_negatives(examples: Sequence[QAExample], per_question: int) -> list[QAExample]:
+    """`examples` followed by `per_question` unanswerable examples for each: the same question
+    on the other contexts of the set that BM25 ranks highest for it, skipping any context that
+    holds one of its gold answers (as text, after SQuAD's normalisation) — a passage that does
+    answer it is not a negative. Deterministic: ties keep the contexts' order."""
+    from lmlab.evaluation.retrieval import Passage, bm25_scores, build_bm25
+
+    if per_question <= 0:
+        return list(examples)
+    contexts = list(dict.fromkeys(e.context for e in examples))
+    normalised = [normalize_answer(c) for c in contexts]
+    bm25 = build_bm25([Passage(title="", text=c) for c in contexts])
+    negatives = []
+    for e in examples:
+        golds = [g for g in (normalize_answer(a) for a in e.answers) if g]
+        ranked = np.argsort(-bm25_scores(bm25, e.question), kind="stable")
+        chosen = itertools.islice((c for c in ranked if contexts[c] != e.context
+                                   and not any(g in normalised[c] for g in golds)), per_question)
+        negatives += [QAExample(id=f"{e.id}/negative{k}", question=e.question,
+                                context=contexts[c], answers=[], answer_starts=[])
+                      for k, c in enumerate(chosen)]
+    return [*examples, *negatives]
+
+
 # -- windows and labels ------------------------------------------------------------------------
 def make_windows(tokenizer: Tokenizer, examples: Sequence[QAExample], *, max_length: int,
                  stride: int) -> Windows:
@@ -199,12 +230,13 @@ def window_logits(model, windows: Windows, *, batch_size: int, pad_id: int,
 
 
 def best_spans(examples: Sequence[QAExample], windows: Windows, starts: Sequence[np.ndarray],
-               ends: Sequence[np.ndarray], *, n_best: int = 20,
-               max_answer_length: int = 30) -> list[tuple[str, float]]:
+               ends: Sequence[np.ndarray], *, n_best: int = 20, max_answer_length: int = 30,
+               relative: bool = False) -> list[tuple[str, float]]:
     """For every example, the (answer text, score) of the best span over all its windows: among
     the `n_best` highest start and end logits of each window, pairs of context tokens with
-    start ≤ end < start + max_answer_length, scored by start + end logit. ("", -inf) when no
-    window has such a pair."""
+    start ≤ end < start + max_answer_length, scored by start + end logit — minus the window's
+    [CLS] start + end logit (its no-answer score) when `relative`. ("", -inf) when no window
+    has such a pair."""
     best: list[tuple[str, float]] = [("", float("-inf"))] * len(examples)
     for w in range(len(windows)):
         offsets = windows.offsets[w]
@@ -217,6 +249,8 @@ def best_spans(examples: Sequence[QAExample], windows: Windows, starts: Sequence
         length = top_e[None, :] - top_s[:, None] + 1  # (n_best starts, n_best ends)
         scores = np.where((length >= 1) & (length <= max_answer_length),
                           s_logits[top_s][:, None] + e_logits[top_e][None, :], -np.inf)
+        if relative:
+            scores = scores - (starts[w][0] + ends[w][0])
         if scores.size == 0 or not np.isfinite(scores.max()):
             continue
         i, j = np.unravel_index(np.argmax(scores), scores.shape)
