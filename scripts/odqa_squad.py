@@ -98,24 +98,29 @@ def recall(ranked: list[list[int]], qs) -> dict[str, float]:
 
 
 def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weights: list[float],
-               scorings: list[str] | None) -> dict:
+               scorings: list[str] | None, aggregates: list[str],
+               candidates_out: str | None = None) -> dict:
     """EM/F1 reading the top-k passages (each k of `top_ks`, each retrieval weight of `weights`,
-    each span scoring of `scorings`: one reading serves them all), and given the gold paragraph.
-    Scorings: "span" (start + end logit) and "relative" (minus the [CLS] no-answer logits);
-    None = the reader's own (open_qa.relative_scores)."""
+    each span scoring of `scorings`, each aggregate of `aggregates`: one reading serves them
+    all), and given the gold paragraph. Scorings: "span" (start + end logit) and "relative"
+    (minus the [CLS] no-answer logits); None = the reader's own (open_qa.relative_scores).
+    Aggregates: open_qa.merge_answers. `candidates_out`: every passage's best span under each
+    scoring, a JSON line per question (to score other rules without reading again)."""
     import math
 
     from lmlab.recipes.finetuning import load_run
-    from lmlab.recipes.open_qa import check_reader, read_logits, relative_scores
+    from lmlab.recipes.open_qa import check_reader, merge_answers, read_logits, relative_scores
     from lmlab.tasks.qa import best_spans
 
     reader = load_run(reader_dir, device="cpu")
     check_reader(reader)
     scorings = scorings or ["relative" if relative_scores(reader) else "span"]
     gold = [(q["id"], q["answers"]) for q in qs]
-    settings = [(k, w, s) for k in top_ks for w in weights for s in scorings]
+    settings = [(k, w, s, a) for k in top_ks for w in weights for s in scorings
+                for a in aggregates]
     best = {setting: {} for setting in settings}
     at_gold = {}
+    dump = open(candidates_out, "w", encoding="utf-8") if candidates_out else None
     t0 = time.perf_counter()
     for n, (q, r) in enumerate(zip(qs, ranked)):
         top = r[:max(top_ks)]
@@ -126,24 +131,31 @@ def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weights: list[floa
                                                   relative=s == "relative")))
                  for s in scorings}
         at_gold[q["id"]] = spans[scorings[0]][q["gold"]][0]
-        for k, w, s in settings:
-            scored = [(spans[s][p][1] - w * math.log(rank), spans[s][p][0])
+        if dump:
+            dump.write(json.dumps({"id": q["id"], "top": top, "gold": q["gold"], "spans": {
+                s: {str(p): spans[s][p] for p in read_ids} for s in scorings}}) + "\n")
+        for k, w, s, a in settings:
+            scored = [(spans[s][p][0], spans[s][p][1] - w * math.log(rank))
                       for rank, p in enumerate(top[:k], 1) if math.isfinite(spans[s][p][1])]
-            best[k, w, s][q["id"]] = max(scored)[1] if scored else ""
+            merged = merge_answers(scored, aggregate=a)
+            best[k, w, s, a][q["id"]] = scored[merged[0][0]][0] if merged else ""
         if (n + 1) % 500 == 0:
             print(f"  read {n + 1}/{len(qs)} questions ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr)
+    if dump:
+        dump.close()
     return {"gold_paragraph": squad_scores(at_gold, gold),
-            **{label(*setting, weights, scorings): squad_scores(found, gold)
+            **{label(*setting, weights, scorings, aggregates): squad_scores(found, gold)
                for setting, found in best.items()},
             "reader_seconds": time.perf_counter() - t0}
 
 
-def label(k: int, weight: float, scoring: str, weights: list[float], scorings: list[str]) -> str:
-    """top{k}, with /W={weight} when several weights and /{scoring} when several scorings are
-    compared."""
+def label(k: int, weight: float, scoring: str, aggregate: str, weights: list[float],
+          scorings: list[str], aggregates: list[str]) -> str:
+    """top{k}, with /W={weight}, /{scoring} and /{aggregate} where several are compared."""
     return (f"top{k}" + (f"/W={weight:g}" if len(weights) > 1 else "")
-            + (f"/{scoring}" if len(scorings) > 1 else ""))
+            + (f"/{scoring}" if len(scorings) > 1 else "")
+            + (f"/{aggregate}" if len(aggregates) > 1 else ""))
 
 
 def main() -> int:
@@ -163,6 +175,10 @@ def main() -> int:
     p.add_argument("--scoring", nargs="+", choices=["span", "relative"],
                    help="span scores: start + end logit, or relative to the [CLS] no-answer "
                         "logits; several share one reading (default: the reader's own)")
+    p.add_argument("--aggregate", nargs="+", choices=["max", "sum"], default=["max"],
+                   help="max: the best-scored span; sum: spans with the same (normalised) text "
+                        "pooled by log-sum-exp (open_qa.merge_answers)")
+    p.add_argument("--candidates", help="write every read passage's best spans here (JSONL)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
 
@@ -208,7 +224,7 @@ def main() -> int:
                   else fuse(ranked, args.rrf_k[0]))
         weights = args.retrieval_weight
         e2e = end_to_end(args.reader, qs, passages, chosen, sorted(args.top_k), weights,
-                         args.scoring)
+                         args.scoring, args.aggregate, args.candidates)
         results["end_to_end"] = {"retriever": args.retriever,
                                  "retrieval_weight": weights[0] if len(weights) == 1 else weights,
                                  **e2e}

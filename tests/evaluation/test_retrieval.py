@@ -176,6 +176,12 @@ def test_qa_index_and_ask_round_trip(capsys, tmp_path, corpus_file, tiny_bert_di
             assert a["score"] == pytest.approx(a["span_score"]
                                                - 2 * math.log(a["retrieval_rank"]))
     code, printed, err = run_cli(capsys, "qa", "ask", "--index", out, "--reader", tiny_reader,
+                                 "--top-k", "4", "--answers", "4", "--aggregate", "sum", "--json",
+                                 "Who discovered gamma rays?")
+    assert code == 0, err
+    texts = [a["answer"] for a in json.loads(printed)]
+    assert len(set(texts)) == len(texts)  # one answer per distinct text
+    code, printed, err = run_cli(capsys, "qa", "ask", "--index", out, "--reader", tiny_reader,
                                  "--retriever", "bm25", "--top-k", "1", "Who discovered gamma rays?")
     assert code == 0, err
     assert printed.startswith("1. ") and "[Gamma]" in printed
@@ -211,6 +217,21 @@ def test_a_reader_trained_with_negatives_is_read_relative_to_its_no_answer_score
     found = answer(question, index=index, reader=negatives, retriever="bm25", top_k=4,
                    retrieval_weight=0.0, n_answers=4)
     assert sorted(a.span_score for a in found) == pytest.approx(sorted(s for _, s in relative))
+
+
+def test_merge_answers_pools_the_same_answer_by_log_sum_exp():
+    from lmlab.recipes.open_qa import merge_answers
+
+    candidates = [("Denver Broncos", 3.0), ("the Broncos", 2.5), ("Carolina Panthers", 3.2),
+                  ("denver broncos.", 2.9)]  # SQuAD's normalisation: the same as the first
+    assert merge_answers(candidates) == [(2, 3.2), (0, 3.0), (3, 2.9), (1, 2.5)]
+    pooled = merge_answers(candidates, aggregate="sum")
+    assert [i for i, _ in pooled] == [0, 2, 1]  # named by its best-scored text
+    assert pooled[0][1] == pytest.approx(math.log(math.exp(3.0) + math.exp(2.9)))
+    assert pooled[1:] == [(2, 3.2), (1, 2.5)]
+    assert merge_answers([], aggregate="sum") == []
+    with pytest.raises(ConfigError, match="aggregate must be one of max, sum, got 'mean'"):
+        merge_answers(candidates, aggregate="mean")
 
 
 def _one_line_error(code, err, *needles):

@@ -10,7 +10,7 @@ import time
 from lmlab.cli.generate import add_device_argument
 from lmlab.evaluation.retrieval import RETRIEVERS, RRF_K, load_index
 from lmlab.recipes.finetuning import load_run
-from lmlab.recipes.open_qa import answer, build, check_reader
+from lmlab.recipes.open_qa import AGGREGATES, answer, build, check_reader
 
 
 def add_arguments(parser) -> None:
@@ -35,14 +35,18 @@ def add_arguments(parser) -> None:
     ask.add_argument("--reader", required=True, help="a fine-tuned QA run (lmlab finetune qa)")
     ask.add_argument("--retriever", choices=RETRIEVERS, default="hybrid",
                      help="bm25, dense, or hybrid (reciprocal-rank fusion, k = 60; default)")
-    # top-k and W: the best pair on SQuAD dev's half B (docs/evaluation.md, "Measured")
-    ask.add_argument("--top-k", type=int, default=5, help="passages to read (default 5)")
+    # top-k and W: the best pair on SQuAD dev's half B with the reader trained with negative
+    # passages (docs/evaluation.md, "Measured")
+    ask.add_argument("--top-k", type=int, default=10, help="passages to read (default 10)")
     ask.add_argument("--rrf-k", type=int, default=RRF_K,
                      help=f"hybrid: the k of 1 / (k + rank) (default {RRF_K})")
     ask.add_argument("--answers", type=int, default=3, help="answers to print (default 3)")
     ask.add_argument("--retrieval-weight", type=float, default=2.0,
                      help="score = span score - W * ln(retrieval rank) (default 2; 0: the "
                           "reader alone)")
+    ask.add_argument("--aggregate", choices=AGGREGATES, default="max",
+                     help="max: one answer per passage; sum: passages that give the same answer "
+                          "pool their scores (log-sum-exp) (default max)")
     ask.add_argument("--encoder", help="the question encoder: must be the index's (default "
                                        "the one its manifest.json names)")
     ask.add_argument("--json", action="store_true", help="print the answers as JSON")
@@ -70,7 +74,7 @@ def run_ask(args) -> int:
     check_reader(reader)
     answers = answer(args.question, index=index, reader=reader, retriever=args.retriever,
                      top_k=args.top_k, retrieval_weight=args.retrieval_weight,
-                     n_answers=args.answers, rrf_k=args.rrf_k)
+                     n_answers=args.answers, rrf_k=args.rrf_k, aggregate=args.aggregate)
     if args.json:
         print(json.dumps([{"answer": a.text, "score": a.score, "span_score": a.span_score,
                            "retrieval_rank": a.retrieval.rank,

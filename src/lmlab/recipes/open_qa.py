@@ -16,12 +16,14 @@ the reader alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmlab.errors import ConfigError, DataError
+from lmlab.evaluation.squad import normalize_answer
 from lmlab.evaluation.retrieval import (RRF_K, Hit, Index, build_index, load_encoder,
                                         read_passages)
 from lmlab.recipes.finetuning import FinetunedRun, pad_id, resolve_model
@@ -80,11 +82,39 @@ def read_logits(run: FinetunedRun, question: str, passages: Sequence[str]):
     return examples, windows, starts, ends
 
 
+AGGREGATES = ("max", "sum")
+
+
+def merge_answers(candidates: Sequence[tuple[str, float]], *,
+                  aggregate: str = "max") -> list[tuple[int, float]]:
+    """(index into `candidates`, score) of the answers among (text, score) candidates, best
+    first. "max": every candidate on its own score. "sum": candidates whose texts are equal after
+    SQuAD's normalisation are one answer, scored log Σ exp(score) over them (so an answer that
+    several passages give gains on one that a single passage gives), and named by its
+    best-scored candidate."""
+    if aggregate not in AGGREGATES:
+        raise ConfigError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    if aggregate == "max":
+        return sorted(((i, score) for i, (_, score) in enumerate(candidates)),
+                      key=lambda pair: -pair[1])
+    groups: dict[str, list[int]] = {}
+    for i, (text, _) in enumerate(candidates):
+        groups.setdefault(normalize_answer(text), []).append(i)
+    merged = []
+    for members in groups.values():
+        scores = [candidates[i][1] for i in members]
+        top = max(scores)
+        merged.append((members[scores.index(top)],
+                       top + math.log(sum(math.exp(x - top) for x in scores))))
+    return sorted(merged, key=lambda pair: -pair[1])
+
+
 def answer(question: str, *, index: Index, reader: FinetunedRun, retriever: str = "hybrid",
-           top_k: int = 5, retrieval_weight: float = 2.0, n_answers: int = 3,
-           rrf_k: int = RRF_K) -> list[Answer]:
+           top_k: int = 10, retrieval_weight: float = 2.0, n_answers: int = 3,
+           rrf_k: int = RRF_K, aggregate: str = "max") -> list[Answer]:
     """The best `n_answers` answers to `question` from the `top_k` passages `retriever` finds,
-    best first (one per passage)."""
+    best first: one per passage, or with aggregate="sum" one per distinct answer text, scored
+    over every passage that gives it (merge_answers), shown with its best passage."""
     if not question.strip():
         raise DataError("the question is empty")
     if top_k < 1 or n_answers < 1:
@@ -96,7 +126,8 @@ def answer(question: str, *, index: Index, reader: FinetunedRun, retriever: str 
     answers = [Answer(text=text, score=span - retrieval_weight * math.log(hit.rank),
                       span_score=span, retrieval=hit, title=p.title, passage=p.text)
                for hit, p, (text, span) in zip(hits, passages, spans) if math.isfinite(span)]
-    return sorted(answers, key=lambda a: -a.score)[:n_answers]
+    merged = merge_answers([(a.text, a.score) for a in answers], aggregate=aggregate)
+    return [dataclasses.replace(answers[i], score=score) for i, score in merged[:n_answers]]
 
 
 def build(corpus: str | Path, out: str | Path, *, encoder: str | Path | None = None,
