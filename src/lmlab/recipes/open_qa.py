@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmlab.errors import ConfigError, DataError
-from lmlab.evaluation.squad import normalize_answer
 from lmlab.evaluation.retrieval import (RRF_K, Hit, Index, build_index, load_encoder,
                                         read_passages)
+from lmlab.evaluation.squad import normalize_answer
 from lmlab.recipes.finetuning import FinetunedRun, pad_id, resolve_model
 from lmlab.tasks import qa
 
