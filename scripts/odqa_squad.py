@@ -109,8 +109,8 @@ def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weights: list[floa
     import math
 
     from lmlab.recipes.finetuning import load_run
-    from lmlab.recipes.open_qa import check_reader, merge_answers, read_logits, relative_scores
-    from lmlab.tasks.qa import best_spans
+    from lmlab.recipes.open_qa import (check_reader, decode, merge_answers, read_logits,
+                                       relative_scores)
 
     reader = load_run(reader_dir, device="cpu")
     check_reader(reader)
@@ -126,9 +126,7 @@ def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weights: list[floa
         top = r[:max(top_ks)]
         read_ids = top + ([q["gold"]] if q["gold"] not in top else [])
         logits = read_logits(reader, q["question"], [passages[p].text for p in read_ids])
-        spans = {s: dict(zip(read_ids, best_spans(*logits, n_best=reader.cfg.n_best,
-                                                  max_answer_length=reader.cfg.max_answer_length,
-                                                  relative=s == "relative")))
+        spans = {s: dict(zip(read_ids, decode(reader, logits, relative=s == "relative")))
                  for s in scorings}
         at_gold[q["id"]] = spans[scorings[0]][q["gold"]][0]
         if dump:

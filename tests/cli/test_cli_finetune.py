@@ -158,7 +158,7 @@ def test_every_finetune_yaml_loads(path):
     recipe = find_recipe(read_yaml(path)["recipe"], command="finetune")  # the file names it
     cfg = load_recipe_config(recipe, path)
     sft = {"instructions_sft", "sgd_dialogue", "poetry"}
-    assert recipe.name == ("qa" if path.stem.startswith("squad") else "sft" if path.stem in sft
+    assert recipe.name == ("qa" if path.stem == "squad" else "sft" if path.stem in sft
                            else "translation" if path.stem.startswith("translation_")
                            else "classification")
     assert cfg.train and cfg.validation and cfg.test
@@ -170,15 +170,10 @@ def test_every_finetune_yaml_loads(path):
     if recipe.name == "sft":  # they start from the English base the docs pretrain first
         assert cfg.model == "runs/english_base"
         assert (ROOT / "configs/pretrain/gpt_english_base.yaml").is_file()
-    if path.stem.startswith("squad"):  # train and test articles are disjoint (the two halves)
+    if path.stem == "squad":  # train and test articles are disjoint (the two halves)
         train, val, test = set(cfg.train_titles), set(cfg.validation_titles), set(cfg.test_titles)
         assert not (train & test or val & test or train & val)
         assert len(cfg.test_titles) == 24
-    if path.stem == "squad_negatives":  # the open-domain reader: squad.yaml's, trained on
-        squad = load_recipe_config(recipe, path.with_name("squad.yaml"))
-        assert cfg.model == "runs/squad" and cfg.negatives == 1
-        assert (cfg.train_titles, cfg.validation_titles, cfg.test_titles) == (
-            squad.train_titles, squad.validation_titles, squad.test_titles)
 
 
 # -- extractive QA end to end --------------------------------------------------------------------

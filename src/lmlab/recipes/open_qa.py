@@ -58,8 +58,12 @@ def read(run: FinetunedRun, question: str, passages: Sequence[str], *,
     finds none. `relative` (default: `relative_scores(run)`) scores spans minus their window's
     no-answer logits. A question that leaves no room for a passage in the reader's window is an
     error."""
-    examples, windows, starts, ends = read_logits(run, question, passages)
-    return qa.best_spans(examples, windows, starts, ends, n_best=run.cfg.n_best,
+    return decode(run, read_logits(run, question, passages), relative=relative)
+
+
+def decode(run: FinetunedRun, logits, *, relative: bool | None = None) -> list[tuple[str, float]]:
+    """`read`'s spans from `read_logits`' output: one reading can be decoded several ways."""
+    return qa.best_spans(*logits, n_best=run.cfg.n_best,
                          max_answer_length=run.cfg.max_answer_length,
                          relative=relative_scores(run) if relative is None else relative)
 
