@@ -111,6 +111,9 @@ def test_minilm_embeddings_equal_sentence_transformers():
         texts, batch_size=3, convert_to_tensor=True)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
     assert ours.norm(dim=1).tolist() == pytest.approx([1.0] * 4, abs=1e-6)
+    # batches cut by a token budget (the long passage alone, then 2 + 1): the same embeddings
+    torch.testing.assert_close(embed(encoder, texts, batch_size=3, max_tokens=40), reference,
+                               atol=1e-5, rtol=0)
 
 
 def test_exact_search_equals_brute_force():

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from lmlab.errors import ConfigError, DataError
 from lmlab.fileio import atomic_write_text
 from lmlab.models.hf import from_pretrained
+from lmlab.tasks.batching import length_sorted_batches, pad_rows
 from lmlab.tokenizer import Tokenizer
 
 RETRIEVERS = ("bm25", "dense", "hybrid")
@@ -201,27 +202,30 @@ def encoder_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Tokens in one forward pass of `embed` on the CPU. A pass of ~2k tokens keeps each activation
+# small (the feed-forward's 2,048 × 1,536 floats are 12 MB): it stays in the allocator's heap and
+# near the cache, where a 64-passage batch of ~16k tokens gets fresh pages (glibc maps anything
+# over 32 MB anew) for every tensor of every layer. Measured in BENCHMARKS.md ("Dense indexing").
+EMBED_TOKENS = 2048
+
+
 @torch.inference_mode()
-def embed(encoder: Encoder, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+def embed(encoder: Encoder, texts: Sequence[str], *, batch_size: int = 64,
+          max_tokens: int = EMBED_TOKENS) -> torch.Tensor:
     """(N, d) float32 unit embeddings of `texts`: tokenized in one parallel call, encoded in
-    batches of similar lengths (longest first), mean-pooled over the mask, L2-normalised —
-    sentence-transformers' `encode` for a Transformer → mean Pooling → Normalize model."""
+    batches of similar lengths (longest first; at most `batch_size` texts and `max_tokens`
+    padded tokens a batch), mean-pooled over the mask, L2-normalised — sentence-transformers'
+    `encode` for a Transformer → mean Pooling → Normalize model."""
     rows = encoder.tokenizer.encode_pairs(list(texts), max_length=encoder.max_length,
                                           truncation="longest_first", padding="none")
-    ids = [row.input_ids for row in rows]
-    order = np.argsort(-np.fromiter(map(len, ids), np.int64, len(ids)), kind="stable")
+    ids = [np.asarray(row.input_ids, dtype=np.int64) for row in rows]
+    lengths = [len(row) for row in ids]
     out = torch.empty(len(ids), encoder.model.config.hidden_size)
-    for i in range(0, len(order), batch_size):
-        chunk = order[i:i + batch_size]
-        width = len(ids[chunk[0]])
-        batch = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for r, j in enumerate(chunk):
-            batch[r, :len(ids[j])] = torch.tensor(ids[j])
-            mask[r, :len(ids[j])] = 1
+    for chunk in length_sorted_batches(lengths, batch_size, max_tokens=max_tokens):
+        batch = pad_rows([ids[j] for j in chunk], pad=0)
+        mask = (torch.arange(batch.shape[1]) < torch.tensor([lengths[j] for j in chunk])[:, None])
         # a batch without padding needs no mask: SDPA then takes its fused kernel
-        uniform = len(ids[chunk[-1]]) == width
-        hidden = encoder.model(batch, attention_mask=None if uniform else mask)  # (B, T, d)
+        hidden = encoder.model(batch, attention_mask=None if bool(mask.all()) else mask.long())
         out[torch.from_numpy(chunk)] = F.normalize(mean_pool(hidden, mask), p=2, dim=1)
     return out
 
