@@ -114,6 +114,11 @@ def test_minilm_embeddings_equal_sentence_transformers():
     # batches cut by a token budget (the long passage alone, then 2 + 1): the same embeddings
     torch.testing.assert_close(embed(encoder, texts, batch_size=3, max_tokens=40), reference,
                                atol=1e-5, rtol=0)
+    # one batch per text on two worker threads: the same, and torch's thread count restored
+    threads = torch.get_num_threads()
+    torch.testing.assert_close(embed(encoder, texts, batch_size=1, workers=2), reference,
+                               atol=1e-5, rtol=0)
+    assert torch.get_num_threads() == threads
 
 
 def test_exact_search_equals_brute_force():

@@ -28,6 +28,7 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,24 +210,44 @@ def encoder_hash(path: Path) -> str:
 EMBED_TOKENS = 2048
 
 
-@torch.inference_mode()
 def embed(encoder: Encoder, texts: Sequence[str], *, batch_size: int = 64,
-          max_tokens: int = EMBED_TOKENS) -> torch.Tensor:
+          max_tokens: int = EMBED_TOKENS, workers: int | None = None) -> torch.Tensor:
     """(N, d) float32 unit embeddings of `texts`: tokenized in one parallel call, encoded in
     batches of similar lengths (longest first; at most `batch_size` texts and `max_tokens`
     padded tokens a batch), mean-pooled over the mask, L2-normalised — sentence-transformers'
-    `encode` for a Transformer → mean Pooling → Normalize model."""
+    `encode` for a Transformer → mean Pooling → Normalize model.
+
+    The batches run on `workers` threads (default: torch's thread count), each with one torch
+    thread: whole batches side by side on the cores beat every operation split across them,
+    because the small ones (attention over ~150 keys, GELU, layer norm) split poorly. torch's
+    thread count is restored afterwards."""
     rows = encoder.tokenizer.encode_pairs(list(texts), max_length=encoder.max_length,
                                           truncation="longest_first", padding="none")
     ids = [np.asarray(row.input_ids, dtype=np.int64) for row in rows]
     lengths = [len(row) for row in ids]
     out = torch.empty(len(ids), encoder.model.config.hidden_size)
-    for chunk in length_sorted_batches(lengths, batch_size, max_tokens=max_tokens):
-        batch = pad_rows([ids[j] for j in chunk], pad=0)
-        mask = (torch.arange(batch.shape[1]) < torch.tensor([lengths[j] for j in chunk])[:, None])
-        # a batch without padding needs no mask: SDPA then takes its fused kernel
-        hidden = encoder.model(batch, attention_mask=None if bool(mask.all()) else mask.long())
-        out[torch.from_numpy(chunk)] = F.normalize(mean_pool(hidden, mask), p=2, dim=1)
+
+    def encode(chunk: np.ndarray) -> None:
+        with torch.inference_mode():  # per thread, like grad mode
+            batch = pad_rows([ids[j] for j in chunk], pad=0)
+            mask = torch.arange(batch.shape[1]) < torch.tensor([lengths[j] for j in chunk])[:, None]
+            # a batch without padding needs no mask: SDPA then takes its fused kernel
+            hidden = encoder.model(batch, attention_mask=None if bool(mask.all()) else mask.long())
+            out[torch.from_numpy(chunk)] = F.normalize(mean_pool(hidden, mask), p=2, dim=1)
+
+    batches = length_sorted_batches(lengths, batch_size, max_tokens=max_tokens)
+    threads = torch.get_num_threads()
+    workers = min(workers or threads, len(batches))
+    if workers <= 1:
+        for chunk in batches:
+            encode(chunk)
+        return out
+    torch.set_num_threads(1)  # new threads start with this count
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(encode, batches))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
