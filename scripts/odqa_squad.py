@@ -8,7 +8,10 @@
                                                   (weights compared on one reading: tuning)
     python scripts/odqa_squad.py --half B --reader runs/squad_negatives --scoring span relative
                                                   (span scores with and without the no-answer
-                                                  logits subtracted, on one reading)
+                                                  logits subtracted, on one reading; a number
+                                                  subtracts that weight × them)
+    python scripts/odqa_squad.py --half B --reader runs/squad_negatives --rrf-k 60 10
+                                                  (two fusions, read once: their passages' union)
 
 The corpus is every paragraph of dev-v1.1.json (2,067), each a passage titled with its article
 (evaluation/retrieval.py: the indexed text is "title. paragraph"). The questions are one half of
@@ -97,15 +100,17 @@ def recall(ranked: list[list[int]], qs) -> dict[str, float]:
             for k in KS}
 
 
-def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weights: list[float],
-               scorings: list[str] | None, aggregates: list[str],
+def end_to_end(reader_dir: str, qs, passages, rankings: dict[str, list[list[int]]], top_ks,
+               weights: list[float], scorings: list[str] | None, aggregates: list[str],
                candidates_out: str | None = None) -> dict:
-    """EM/F1 reading the top-k passages (each k of `top_ks`, each retrieval weight of `weights`,
-    each span scoring of `scorings`, each aggregate of `aggregates`: one reading serves them
-    all), and given the gold paragraph. Scorings: "span" (start + end logit) and "relative"
-    (minus the [CLS] no-answer logits); None = the reader's own (open_qa.relative_scores).
-    Aggregates: open_qa.merge_answers. `candidates_out`: every passage's best span under each
-    scoring, a JSON line per question (to score other rules without reading again)."""
+    """EM/F1 reading the top-k passages of each ranking of `rankings` (named: several RRF k),
+    for each k of `top_ks`, each retrieval weight of `weights`, each span scoring of
+    `scorings`, each aggregate of `aggregates` — one reading of the union of those passages
+    serves them all — and given the gold paragraph. Scorings: "span" (start + end logit),
+    "relative" (minus the [CLS] no-answer logits), or a number (minus that weight × them);
+    None = the reader's own (open_qa.relative_scores). Aggregates: open_qa.merge_answers.
+    `candidates_out`: every read passage's best span under each scoring, a JSON line per
+    question (to score other rules without reading again)."""
     import math
 
     from lmlab.recipes.finetuning import load_run
@@ -116,42 +121,62 @@ def end_to_end(reader_dir: str, qs, passages, ranked, top_ks, weights: list[floa
     check_reader(reader)
     scorings = scorings or ["relative" if relative_scores(reader) else "span"]
     gold = [(q["id"], q["answers"]) for q in qs]
-    settings = [(k, w, s, a) for k in top_ks for w in weights for s in scorings
-                for a in aggregates]
+    settings = [(r, k, w, s, a) for r in rankings for k in top_ks for w in weights
+                for s in scorings for a in aggregates]
     best = {setting: {} for setting in settings}
     at_gold = {}
     dump = open(candidates_out, "w", encoding="utf-8") if candidates_out else None
     t0 = time.perf_counter()
-    for n, (q, r) in enumerate(zip(qs, ranked)):
-        top = r[:max(top_ks)]
-        read_ids = top + ([q["gold"]] if q["gold"] not in top else [])
+    for n, q in enumerate(qs):
+        tops = {name: ranked[n][:max(top_ks)] for name, ranked in rankings.items()}
+        read_ids = list(dict.fromkeys([p for top in tops.values() for p in top] + [q["gold"]]))
         logits = read_logits(reader, q["question"], [passages[p].text for p in read_ids])
-        spans = {s: dict(zip(read_ids, decode(reader, logits, relative=s == "relative")))
+        spans = {s: dict(zip(read_ids, decode(reader, logits, relative=null_weight(s))))
                  for s in scorings}
         at_gold[q["id"]] = spans[scorings[0]][q["gold"]][0]
         if dump:
-            dump.write(json.dumps({"id": q["id"], "top": top, "gold": q["gold"], "spans": {
+            dump.write(json.dumps({"id": q["id"], "top": tops, "gold": q["gold"], "spans": {
                 s: {str(p): spans[s][p] for p in read_ids} for s in scorings}}) + "\n")
-        for k, w, s, a in settings:
+        for r, k, w, s, a in settings:
             scored = [(spans[s][p][0], spans[s][p][1] - w * math.log(rank))
-                      for rank, p in enumerate(top[:k], 1) if math.isfinite(spans[s][p][1])]
+                      for rank, p in enumerate(tops[r][:k], 1) if math.isfinite(spans[s][p][1])]
             merged = merge_answers(scored, aggregate=a)
-            best[k, w, s, a][q["id"]] = scored[merged[0][0]][0] if merged else ""
+            best[r, k, w, s, a][q["id"]] = scored[merged[0][0]][0] if merged else ""
         if (n + 1) % 500 == 0:
             print(f"  read {n + 1}/{len(qs)} questions ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr)
     if dump:
         dump.close()
     return {"gold_paragraph": squad_scores(at_gold, gold),
-            **{label(*setting, weights, scorings, aggregates): squad_scores(found, gold)
-               for setting, found in best.items()},
+            **{label(*setting, list(rankings), weights, scorings, aggregates):
+               squad_scores(found, gold) for setting, found in best.items()},
             "reader_seconds": time.perf_counter() - t0}
 
 
-def label(k: int, weight: float, scoring: str, aggregate: str, weights: list[float],
-          scorings: list[str], aggregates: list[str]) -> str:
-    """top{k}, with /W={weight}, /{scoring} and /{aggregate} where several are compared."""
-    return (f"top{k}" + (f"/W={weight:g}" if len(weights) > 1 else "")
+NULL_WEIGHTS = {"span": 0.0, "relative": 1.0}
+
+
+def null_weight(scoring: str) -> float:
+    """The weight of the no-answer logits a scoring subtracts: span 0, relative 1, or a number."""
+    return NULL_WEIGHTS[scoring] if scoring in NULL_WEIGHTS else float(scoring)
+
+
+def scoring(value: str) -> str:
+    """--scoring's values: span, relative, or a weight of the no-answer logits (a number)."""
+    try:
+        null_weight(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected span, relative or a number (the no-answer weight)") from None
+    return value
+
+
+def label(ranking: str, k: int, weight: float, scoring: str, aggregate: str, rankings: list[str],
+          weights: list[float], scorings: list[str], aggregates: list[str]) -> str:
+    """top{k}, with /{ranking}, /W={weight}, /{scoring} and /{aggregate} where several are
+    compared."""
+    return (f"top{k}" + (f"/{ranking}" if len(rankings) > 1 else "")
+            + (f"/W={weight:g}" if len(weights) > 1 else "")
             + (f"/{scoring}" if len(scorings) > 1 else "")
             + (f"/{aggregate}" if len(aggregates) > 1 else ""))
 
@@ -163,16 +188,19 @@ def main() -> int:
     p.add_argument("--half", choices=["A", "B"], default="A")
     p.add_argument("--encoder", help="default all-MiniLM-L6-v2")
     p.add_argument("--depth", type=int, default=100, help="each retriever's list fused by RRF")
-    p.add_argument("--rrf-k", type=int, nargs="+", default=[RRF_K])
+    p.add_argument("--rrf-k", type=int, nargs="+", default=[RRF_K],
+                   help="hybrid's RRF k; several: recall for each, and with --reader each "
+                        "one's end-to-end EM/F1 (one reading of their passages' union)")
     p.add_argument("--limit", type=int, help="only the first N questions (a quick check)")
     p.add_argument("--reader", help="a fine-tuned QA run: also end-to-end EM/F1")
     p.add_argument("--retriever", choices=["bm25", "dense", "hybrid"], default="hybrid")
     p.add_argument("--top-k", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--retrieval-weight", type=float, nargs="+", default=[1.0],
                    help="W in span score − W·ln(rank); several values share one reading")
-    p.add_argument("--scoring", nargs="+", choices=["span", "relative"],
-                   help="span scores: start + end logit, or relative to the [CLS] no-answer "
-                        "logits; several share one reading (default: the reader's own)")
+    p.add_argument("--scoring", nargs="+", type=scoring,
+                   help="span scores: start + end logit (span), minus the [CLS] no-answer "
+                        "logits (relative), or minus a weight × them (a number, for tuning); "
+                        "several share one reading (default: the reader's own)")
     p.add_argument("--aggregate", nargs="+", choices=["max", "sum"], default=["max"],
                    help="max: the best-scored span; sum: spans with the same (normalised) text "
                         "pooled by log-sum-exp (open_qa.merge_answers)")
@@ -218,8 +246,8 @@ def main() -> int:
         print(f"| {name} | " + " | ".join(f"{r[f'recall@{k}']:.1f}%" for k in KS)
               + f" | {ms.get('median', ms['mean']):.1f} ms |")
     if args.reader:
-        chosen = (ranked[args.retriever] if args.retriever != "hybrid"
-                  else fuse(ranked, args.rrf_k[0]))
+        chosen = ({args.retriever: ranked[args.retriever]} if args.retriever != "hybrid"
+                  else {f"k={k}": fuse(ranked, k) for k in args.rrf_k})
         weights = args.retrieval_weight
         e2e = end_to_end(args.reader, qs, passages, chosen, sorted(args.top_k), weights,
                          args.scoring, args.aggregate, args.candidates)

@@ -129,6 +129,8 @@ def test_relative_scores_subtract_each_window_s_no_answer_logits(tok):
     assert [t for t, _ in relative] == [t for t, _ in absolute] == ["alpha", "omicron pi"]
     assert [s for _, s in absolute] == [20.0, 20.0]
     assert [s for _, s in relative] == [20.0 - 7.0, 20.0 + 3.0]
+    half = qa.best_spans(examples, windows, starts, ends, relative=0.5)  # a weight, for tuning
+    assert [s for _, s in half] == [20.0 - 3.5, 20.0 + 1.5]
 
 
 def test_negatives_are_the_bm25_best_contexts_without_the_answer():

@@ -61,7 +61,8 @@ def read(run: FinetunedRun, question: str, passages: Sequence[str], *,
     return decode(run, read_logits(run, question, passages), relative=relative)
 
 
-def decode(run: FinetunedRun, logits, *, relative: bool | None = None) -> list[tuple[str, float]]:
+def decode(run: FinetunedRun, logits, *,
+           relative: float | None = None) -> list[tuple[str, float]]:
     """`read`'s spans from `read_logits`' output: one reading can be decoded several ways."""
     return qa.best_spans(*logits, n_best=run.cfg.n_best,
                          max_answer_length=run.cfg.max_answer_length,

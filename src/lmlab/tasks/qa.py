@@ -231,12 +231,12 @@ def window_logits(model, windows: Windows, *, batch_size: int, pad_id: int,
 
 def best_spans(examples: Sequence[QAExample], windows: Windows, starts: Sequence[np.ndarray],
                ends: Sequence[np.ndarray], *, n_best: int = 20, max_answer_length: int = 30,
-               relative: bool = False) -> list[tuple[str, float]]:
+               relative: float = 0.0) -> list[tuple[str, float]]:
     """For every example, the (answer text, score) of the best span over all its windows: among
     the `n_best` highest start and end logits of each window, pairs of context tokens with
-    start ≤ end < start + max_answer_length, scored by start + end logit — minus the window's
-    [CLS] start + end logit (its no-answer score) when `relative`. ("", -inf) when no window
-    has such a pair."""
+    start ≤ end < start + max_answer_length, scored by start + end logit — minus `relative` ×
+    the window's [CLS] start + end logit (its no-answer score): True (1) scores a span relative
+    to it, other weights are for tuning. ("", -inf) when no window has such a pair."""
     best: list[tuple[str, float]] = [("", float("-inf"))] * len(examples)
     for w in range(len(windows)):
         offsets = windows.offsets[w]
@@ -250,7 +250,7 @@ def best_spans(examples: Sequence[QAExample], windows: Windows, starts: Sequence
         scores = np.where((length >= 1) & (length <= max_answer_length),
                           s_logits[top_s][:, None] + e_logits[top_e][None, :], -np.inf)
         if relative:
-            scores = scores - (starts[w][0] + ends[w][0])
+            scores = scores - relative * (starts[w][0] + ends[w][0])
         if scores.size == 0 or not np.isfinite(scores.max()):
             continue
         i, j = np.unravel_index(np.argmax(scores), scores.shape)
