@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
     ask.add_argument("--index", required=True, help="an index folder (lmlab qa index --out)")
     ask.add_argument("--reader", required=True, help="a fine-tuned QA run (lmlab finetune qa)")
     ask.add_argument("--retriever", choices=RETRIEVERS, default="hybrid",
-                     help="bm25, dense, or hybrid (reciprocal-rank fusion, k = 60; default)")
+                     help="bm25, dense, or hybrid (reciprocal-rank fusion; default)")
     # top-k and W: the best pair on SQuAD dev's half B with the reader trained with negative
     # passages (docs/evaluation.md, "Measured")
     ask.add_argument("--top-k", type=int, default=10, help="passages to read (default 10)")
