@@ -14,7 +14,8 @@ import torch
 from conftest import run_cli
 from lmlab.evaluation.retrieval import (Passage, bm25_scores, bm25_tokens, build_bm25,
                                         build_index, dense_search, embed, load_encoder,
-                                        load_index, read_passages, reciprocal_rank_fusion)
+                                        load_index, read_passages, reciprocal_rank_fusion,
+                                        token_batches)
 from lmlab.errors import ConfigError, DataError
 
 CORPUS = [
@@ -119,6 +120,15 @@ def test_minilm_embeddings_equal_sentence_transformers():
     torch.testing.assert_close(embed(encoder, texts, batch_size=1, workers=2), reference,
                                atol=1e-5, rtol=0)
     assert torch.get_num_threads() == threads
+
+
+def test_token_batches_cap_rows_and_padded_tokens():
+    lengths = [300, 10, 100, 50, 50, 50, 40, 10]
+    batches = token_batches(lengths, 4, 200)
+    # 300 > 200 goes alone; then 2 rows of ≤ 100; 4 rows of 50 (the row cap); then the rest
+    assert [b.tolist() for b in batches] == [[0], [2, 3], [4, 5, 6, 1], [7]]
+    for b in batches[1:]:
+        assert len(b) * max(lengths[i] for i in b) <= 200
 
 
 def test_exact_search_equals_brute_force():

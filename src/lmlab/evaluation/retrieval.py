@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from lmlab.errors import ConfigError, DataError
 from lmlab.fileio import atomic_write_text
 from lmlab.models.hf import from_pretrained
-from lmlab.tasks.batching import length_sorted_batches, pad_rows
 from lmlab.tokenizer import Tokenizer
 
 RETRIEVERS = ("bm25", "dense", "hybrid")
@@ -215,6 +214,19 @@ def encoder_hash(path: Path) -> str:
 EMBED_TOKENS = 2048
 
 
+def token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[np.ndarray]:
+    """Indices of `lengths` longest first, cut into batches of at most `batch_size` rows and
+    `max_tokens` padded tokens (rows × the batch's longest; a longer row goes alone)."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < order.size:
+        rows = max(1, min(batch_size, max_tokens // max(int(lengths[order[start]]), 1)))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
+
+
 def embed(encoder: Encoder, texts: Sequence[str], *, batch_size: int = 64,
           max_tokens: int = EMBED_TOKENS, workers: int | None = None) -> torch.Tensor:
     """(N, d) float32 unit embeddings of `texts`: tokenized in one parallel call, encoded in
@@ -234,13 +246,14 @@ def embed(encoder: Encoder, texts: Sequence[str], *, batch_size: int = 64,
 
     def encode(chunk: np.ndarray) -> None:
         with torch.inference_mode():  # per thread, like grad mode
-            batch = pad_rows([ids[j] for j in chunk], pad=0)
-            mask = torch.arange(batch.shape[1]) < torch.tensor([lengths[j] for j in chunk])[:, None]
+            mask = torch.arange(lengths[chunk[0]]) < torch.tensor([lengths[j] for j in chunk])[:, None]
+            batch = torch.zeros(mask.shape, dtype=torch.long)  # [PAD] = 0 where the mask is False
+            batch[mask] = torch.from_numpy(np.concatenate([ids[j] for j in chunk]))
             # a batch without padding needs no mask: SDPA then takes its fused kernel
             hidden = encoder.model(batch, attention_mask=None if bool(mask.all()) else mask.long())
             out[torch.from_numpy(chunk)] = F.normalize(mean_pool(hidden, mask), p=2, dim=1)
 
-    batches = length_sorted_batches(lengths, batch_size, max_tokens=max_tokens)
+    batches = token_batches(lengths, batch_size, max_tokens)
     threads = torch.get_num_threads()
     workers = min(workers or threads, len(batches))
     if workers <= 1:

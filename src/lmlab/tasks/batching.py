@@ -90,21 +90,11 @@ def pad_rows(rows: Sequence[np.ndarray], pad: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, *,
-                          max_tokens: int | None = None) -> list[np.ndarray]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     """Evaluation order: longest first, so each batch pads to almost nothing (results are
-    scattered back to the original order by the caller). With `max_tokens`, a batch also holds
-    at most that many padded tokens (rows × its longest row; a row longer than that alone)."""
-    lengths = np.asarray(lengths)
-    order = np.argsort(-lengths, kind="stable")
-    if max_tokens is None:
-        return [order[i:i + batch_size] for i in range(0, order.size, batch_size)]
-    batches, start = [], 0
-    while start < order.size:
-        rows = max(1, min(batch_size, max_tokens // max(int(lengths[order[start]]), 1)))
-        batches.append(order[start:start + rows])
-        start += rows
-    return batches
+    scattered back to the original order by the caller)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, order.size, batch_size)]
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
