@@ -114,9 +114,8 @@ cache) and runs the batches side by side, one thread per core (the small operati
 attention, GELU, layer norm — split poorly across cores), dropping the attention mask for a
 batch without padding (the third column is `embed` with the batch size alone and all cores on
 each batch, as before these two changes); the peer sorts by character length, tokenizes per
-batch and runs each
-batch on all cores; both run BERT in fp32 with SDPA attention (benchmarks/retrieval_speed.py's
-docstring). sentence-transformers is fastest at small batches for the same reason as the
+batch and runs each batch on all cores; both run BERT in fp32 with SDPA attention
+(benchmarks/retrieval_speed.py's docstring). sentence-transformers is fastest at small batches for the same reason as the
 2,048-token cut, so the ratio against its best batch size is the smallest one in the table.""")
 
 

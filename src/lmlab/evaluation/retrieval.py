@@ -246,7 +246,8 @@ def embed(encoder: Encoder, texts: Sequence[str], *, batch_size: int = 64,
 
     def encode(chunk: np.ndarray) -> None:
         with torch.inference_mode():  # per thread, like grad mode
-            mask = torch.arange(lengths[chunk[0]]) < torch.tensor([lengths[j] for j in chunk])[:, None]
+            widths = torch.tensor([lengths[j] for j in chunk])
+            mask = torch.arange(lengths[chunk[0]]) < widths[:, None]
             batch = torch.zeros(mask.shape, dtype=torch.long)  # [PAD] = 0 where the mask is False
             batch[mask] = torch.from_numpy(np.concatenate([ids[j] for j in chunk]))
             # a batch without padding needs no mask: SDPA then takes its fused kernel
