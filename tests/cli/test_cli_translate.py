@@ -10,6 +10,7 @@ import logging
 import sys
 
 import pytest
+import torch
 
 from conftest import run_cli
 from lmlab.recipes.translation import load_translator, translate_lines
@@ -58,7 +59,7 @@ def test_a_file_is_translated_and_a_bilingual_model_takes_its_own_language(
     assert err == ""
 
 
-def test_translations_stream_batch_by_batch(tiny_translation_run, validation):
+def test_translations_stream_one_batch_per_core_at_a_time(tiny_translation_run, validation):
     model, tokenizer, languages = load_translator(tiny_translation_run)
     pulled = []
 
@@ -67,12 +68,18 @@ def test_translations_stream_batch_by_batch(tiny_translation_run, validation):
             pulled.append(row["source"])
             yield row["source"]
 
-    out = translate_lines(model, tokenizer, languages, lines(), num_beams=2, batch_size=2)
-    first = next(out)
-    assert len(pulled) == 2  # the first batch is printed before the third line is read
-    assert [first, *out] == list(translate_lines(model, tokenizer, languages,
-                                                 [r["source"] for r in validation[:6]],
-                                                 num_beams=2, batch_size=6))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two batches side by side
+    try:
+        out = translate_lines(model, tokenizer, languages, lines(), num_beams=2, batch_size=2)
+        first = next(out)
+        assert len(pulled) == 4  # two batches are printed before the fifth line is read
+        assert torch.get_num_threads() == 2
+        assert [first, *out] == list(translate_lines(model, tokenizer, languages,
+                                                     [r["source"] for r in validation[:6]],
+                                                     num_beams=2, batch_size=6))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_too_long_line_is_truncated_with_a_warning(tiny_translation_run, tmp_path, capsys,

@@ -1,5 +1,6 @@
 """`lmlab translate --model DIR [--to de] [FILE]`: translate lines (FILE, else standard input)
-with an encoder–decoder, printing each translation as soon as its batch is done, in input order.
+with an encoder–decoder, printing each translation as soon as its batch is done (on the CPU,
+batches of the next lines run side by side, one per core), in input order.
 
 One input line is one source text; an empty line gives an empty line (and is counted on stderr),
 so the output stays line-aligned with the input. A source longer than the model's
@@ -30,7 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="longest translation in "
                         "tokens (default: the model's max_target_length)")
     parser.add_argument("--batch-size", type=int, default=32, help="lines translated together "
-                        "(default 32; from a terminal, each line as it is typed)")
+                        "(default 32; on the CPU one batch per core at a time; from a terminal, "
+                        "each line as it is typed)")
     add_device_argument(parser)
 
 

@@ -30,7 +30,6 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.fileio import atomic_write_text
+from lmlab.generation.side_by_side import side_by_side
 from lmlab.models.hf import from_pretrained
 from lmlab.tokenizer import Tokenizer
 
@@ -234,10 +234,10 @@ def embed(encoder: Encoder, texts: Sequence[str], *, batch_size: int = 64,
     padded tokens a batch), mean-pooled over the mask, L2-normalised — sentence-transformers'
     `encode` for a Transformer → mean Pooling → Normalize model.
 
-    The batches run on `workers` threads (default: torch's thread count), each with one torch
-    thread: whole batches side by side on the cores beat every operation split across them,
-    because the small ones (attention over ~150 keys, GELU, layer norm) split poorly. torch's
-    thread count is restored afterwards."""
+    On the CPU the batches run on `workers` threads (default: torch's thread count), each with
+    one torch thread (`generation.side_by_side`): whole batches side by side on the cores beat
+    every operation split across them, because the small ones (attention over ~150 keys, GELU,
+    layer norm) split poorly."""
     rows = encoder.tokenizer.encode_pairs(list(texts), max_length=encoder.max_length,
                                           truncation="longest_first", padding="none")
     ids = [np.asarray(row.input_ids, dtype=np.int64) for row in rows]
@@ -254,19 +254,8 @@ def embed(encoder: Encoder, texts: Sequence[str], *, batch_size: int = 64,
             hidden = encoder.model(batch, attention_mask=None if bool(mask.all()) else mask.long())
             out[torch.from_numpy(chunk)] = F.normalize(mean_pool(hidden, mask), p=2, dim=1)
 
-    batches = token_batches(lengths, batch_size, max_tokens)
-    threads = torch.get_num_threads()
-    workers = min(workers or threads, len(batches))
-    if workers <= 1:
-        for chunk in batches:
-            encode(chunk)
-        return out
-    torch.set_num_threads(1)  # new threads start with this count
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(encode, batches))
-    finally:
-        torch.set_num_threads(threads)
+    side_by_side(encode, token_batches(lengths, batch_size, max_tokens),
+                 device=next(encoder.model.parameters()).device, workers=workers)
     return out
 
 

@@ -36,6 +36,7 @@ from lmlab.data.pairs import ParallelData, read_pairs
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_write_text
 from lmlab.generation import generate
+from lmlab.generation.side_by_side import side_by_side
 from lmlab.models.hf import from_pretrained, read_config
 from lmlab.models.t5 import T5Config, T5ForConditionalGeneration
 from lmlab.recipes import run_steps
@@ -339,22 +340,28 @@ def decoded_text(tokenizer: Tokenizer, sequence: list[int]) -> str:
 def translate_ids(model, tokenizer: Tokenizer, sources: list[np.ndarray], *, num_beams: int,
                   max_new_tokens: int, batch_size: int,
                   forced_bos_token_id: int | None = None) -> list[str]:
-    """Beam-search translations of encoded sources (length-sorted batches), in their order."""
+    """Beam-search translations of encoded sources (length-sorted batches), in their order. On
+    the CPU the batches run side by side, one per core (`generation.side_by_side`)."""
     device = next(model.parameters()).device
     budget = min(max_new_tokens, model.config.n_positions - 1)
     knobs: dict[str, Any] = {"num_beams": num_beams, "max_new_tokens": budget}
     if forced_bos_token_id is not None:
         knobs["forced_bos_token_id"] = forced_bos_token_id
-    out = [""] * len(sources)
-    for rows in length_sorted_batches([len(s) for s in sources], batch_size):
+
+    def translate_batch(rows: np.ndarray) -> list[str]:
         chosen = [sources[i] for i in rows]
         ids = pad_rows(chosen, tokenizer.pad_token_id).to(device)
         mask = pad_rows([np.ones(len(s), np.int64) for s in chosen], 0).to(device)
         sequences = generate(model, None, source_ids=ids, source_mask=mask,
                              eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, **knobs)
-        for row, sequence in zip(rows, sequences.tolist()):
-            out[row] = decoded_text(tokenizer, sequence)
+        return [decoded_text(tokenizer, sequence) for sequence in sequences.tolist()]
+
+    batches = length_sorted_batches([len(s) for s in sources], batch_size)
+    out = [""] * len(sources)
+    for rows, texts in zip(batches, side_by_side(translate_batch, batches, device=device)):
+        for row, text in zip(rows, texts):
+            out[row] = text
     return out
 
 
@@ -407,13 +414,17 @@ class LineStats:
 def translate_lines(model, tokenizer: Tokenizer, languages: Languages, lines: Iterable[str], *,
                     to: str | None = None, num_beams: int = 5, max_new_tokens: int | None = None,
                     batch_size: int = 32, stats: LineStats | None = None) -> Iterator[str]:
-    """Translations of `lines` in their order, yielded batch by batch as each is done (an empty
-    line stays empty, and is counted in `stats`, as are sources cut to the model's length)."""
+    """Translations of `lines` in their order, yielded as they are done (an empty line stays
+    empty, and is counted in `stats`, as are sources cut to the model's length). On the CPU,
+    lines are read one batch per core at a time, for the batches to run side by side; a batch
+    of 1 (a terminal, a line at a time) goes alone."""
     lang = languages.direction(to)
     stats = stats if stats is not None else LineStats()
     if batch_size < 1 or num_beams < 1:
         raise ConfigError("--batch-size and --num-beams must be at least 1")
     budget = max_new_tokens or languages.max_target_length
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    lines_at_once = batch_size * (torch.get_num_threads() if on_cpu and batch_size > 1 else 1)
     batch: list[str] = []
 
     def flush() -> list[str]:
@@ -433,7 +444,7 @@ def translate_lines(model, tokenizer: Tokenizer, languages: Languages, lines: It
         stats.lines += 1
         stats.empty += not line
         batch.append(line)
-        if len(batch) == batch_size:
+        if len(batch) == lines_at_once:
             yield from flush()
             batch = []
     if batch:
