@@ -13,9 +13,13 @@ Two measurements, each alternating lmlab and transformers calls in one process (
    `nn.Dropout` swapped back in for its own (`lmlab.models.layers.Dropout`, a cheaper CPU
    mask): what that mask is worth.
 2. Beam-5 translation of the Multi30k test sentences (1,000) in batches of 32 (file order),
-   `lmlab.generate(model, source_ids=, source_mask=)` against `transformers`' `generate`: every
-   output is checked identical, then sentences/s. Each batch runs on both sides, the order
-   alternating from batch to batch.
+   `lmlab.generate(model, source_ids=, source_mask=)` against `transformers`' `generate`, each
+   two ways: one batch after another, all torch threads on each (what a loop over batches
+   does), and batches side by side, one per core at one thread each
+   (`lmlab.generation.side_by_side`, which `lmlab translate` and the translation recipe use for
+   lmlab; the same helper around transformers' `generate` shows what the trick alone is worth).
+   Every output is checked identical to transformers' one-after-another output, then
+   sentences/s. The four ways take turns `--chunk` batches at a time, each leading in turn.
 
 The model of (2) is `--model DIR` (a T5 directory with its tokenizer: a `lmlab finetune
 translation` run directory, say); without it, a v1.0 model from scratch, trained here for
@@ -47,6 +51,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import alternate, machine, median, update_section  # noqa: E402
 
 import lmlab  # noqa: E402
+from lmlab.generation.side_by_side import side_by_side  # noqa: E402
 from lmlab.models.layers import Dropout  # noqa: E402
 from lmlab.models.t5 import T5Config, T5ForConditionalGeneration  # noqa: E402
 from lmlab.tokenizer import Tokenizer, unigram  # noqa: E402
@@ -189,39 +194,58 @@ def train_briefly(model, tokenizer, pairs, *, steps: int, batch: int) -> float:
     return loss
 
 
-def bench_translation(ours, hf, tokenizer, texts, *, batch: int, knobs: dict) -> dict:
+WAYS = {  # the translation bench's four ways, in the order of the first chunk
+    "transformers": "transformers' `generate`, one batch after another (all threads on each)",
+    "transformers_side": "transformers' `generate`, batches side by side (`side_by_side`)",
+    "lmlab": "`lmlab.generate`, one batch after another (all threads on each)",
+    "lmlab_side": "`lmlab.generate`, batches side by side (`side_by_side`, as `lmlab translate` "
+                  "and the translation recipe run them)",
+}
+
+
+def bench_translation(ours, hf, tokenizer, texts, *, batch: int, chunk: int, knobs: dict) -> dict:
     ours.eval(), hf.eval()
     ids, mask = sources_batch(tokenizer, texts[:4])
     with torch.inference_mode():  # warm-up: first calls pay one-off costs
         hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, **knobs)
         lmlab.generate(ours, source_ids=ids, source_mask=mask, **knobs)
-    times = {"transformers": 0.0, "lmlab": 0.0}
+    batches = [sources_batch(tokenizer, texts[first:first + batch])
+               for first in range(0, len(texts), batch)]
+    one = {
+        "transformers": lambda b: hf.generate(input_ids=b[0], attention_mask=b[1],
+                                              do_sample=False, **knobs),
+        "lmlab": lambda b: lmlab.generate(ours, source_ids=b[0], source_mask=b[1], **knobs),
+    }
+    ways = {
+        "transformers": lambda group: [one["transformers"](b) for b in group],
+        "transformers_side": lambda group: side_by_side(one["transformers"], group),
+        "lmlab": lambda group: [one["lmlab"](b) for b in group],
+        "lmlab_side": lambda group: side_by_side(one["lmlab"], group),
+    }
+    times = dict.fromkeys(ways, 0.0)
     steps, finished = 0, 0
-    for number, first in enumerate(range(0, len(texts), batch)):
-        ids, mask = sources_batch(tokenizer, texts[first:first + batch])
-        calls = {
-            "transformers": lambda: hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                                **knobs),
-            "lmlab": lambda: lmlab.generate(ours, source_ids=ids, source_mask=mask, **knobs),
-        }
-        order = list(calls) if number % 2 == 0 else list(calls)[::-1]
+    for number, first in enumerate(range(0, len(batches), chunk)):
+        group = batches[first:first + chunk]
+        names = list(ways)
+        order = names[number % len(names):] + names[:number % len(names)]  # each way leads once
         out = {}
         for name in order:
             with torch.inference_mode():
                 t0 = time.perf_counter()
-                out[name] = calls[name]()
+                out[name] = ways[name](group)
                 times[name] += time.perf_counter() - t0
-        a, b = out["transformers"], out["lmlab"]
-        if not torch.equal(a, b):
-            raise AssertionError(f"sentences {first}..{first + len(ids) - 1}: lmlab's beam output "
-                                 "differs from transformers'")
-        steps += a.shape[1] - 1
-        finished += int((a == tokenizer.eos_token_id).any(-1).sum())
-        print(f"  batch {number + 1}: identical; transformers {times['transformers']:.1f} s, "
-              f"lmlab {times['lmlab']:.1f} s so far", flush=True)
-    n = len(texts)
-    return {"sentences": n, "hf_s": times["transformers"], "ours_s": times["lmlab"],
-            "mean_steps": steps / -(-n // batch), "finished": finished}
+        reference = out["transformers"]
+        for name, got in out.items():
+            for i, (a, b) in enumerate(zip(reference, got)):
+                if not torch.equal(a, b):
+                    raise AssertionError(f"batch {first + i + 1}: {name}'s beam output differs "
+                                         "from transformers' generate")
+        steps += sum(a.shape[1] - 1 for a in reference)
+        finished += sum(int((a == tokenizer.eos_token_id).any(-1).sum()) for a in reference)
+        print(f"  batches {first + 1}-{first + len(group)}: identical; seconds so far: "
+              + ", ".join(f"{name} {times[name]:.1f}" for name in ways), flush=True)
+    return {"sentences": len(texts), "seconds": times, "mean_steps": steps / len(batches),
+            "finished": finished}
 
 
 def main() -> None:
@@ -233,7 +257,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="pairs per training step")
     parser.add_argument("--sentences", type=int, default=1000, help="test sentences to translate")
     parser.add_argument("--beam-batch", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=8,
+                        help="batches per turn of each way (the ways alternate chunk by chunk)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: 64, or the model's window less the start token if smaller")
     parser.add_argument("--train-steps", type=int, default=100,
                         help="without --model: steps to train the from-scratch model first")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
@@ -260,9 +287,13 @@ def main() -> None:
                   f"of 64 pairs (lr 1e-3; final loss {loss:.2f}) — a stand-in for a trained model"
                   if args.train_steps else "random weights (beams run to max_new_tokens)")
     hf = hf_twin(ours, tokenizer)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(64, ours.config.n_positions - 1)
     knobs = dict(num_beams=5, max_new_tokens=args.max_new_tokens)
     print(f"translating {len(tests)} sentences with {origin}", flush=True)
-    tr = bench_translation(ours, hf, tokenizer, tests, batch=args.beam_batch, knobs=knobs)
+    tr = bench_translation(ours, hf, tokenizer, tests, batch=args.beam_batch, chunk=args.chunk,
+                           knobs=knobs)
+    seconds, n = tr["seconds"], tr["sentences"]
 
     lines = [
         f"T5 on Multi30k en→de, fp32, {machine()}; measured {date.today().isoformat()}.", "",
@@ -280,14 +311,20 @@ def main() -> None:
                      f"{r['dropout_gain']:.2f}× |")
     lines += [
         "",
-        f"Beam-5 translation of {tr['sentences']} test sentences, batches of {args.beam_batch}, "
-        f"max_new_tokens {args.max_new_tokens}, {origin}; outputs identical for every sentence "
-        f"({tr['finished']} of {tr['sentences']} end with EOS; {tr['mean_steps']:.1f} decoder "
+        f"Beam-5 translation of {n} test sentences, batches of {args.beam_batch} (file order), "
+        f"max_new_tokens {args.max_new_tokens}, {origin}, {torch.get_num_threads()} threads; "
+        f"four ways, alternating {args.chunk} batches at a time; every output identical to "
+        f"transformers' ({tr['finished']} of {n} end with EOS; {tr['mean_steps']:.1f} decoder "
         "steps per batch on average):", "",
-        "| | transformers | lmlab | lmlab / transformers |",
-        "|---|---:|---:|---:|",
-        f"| sentences/s | {tr['sentences'] / tr['hf_s']:.1f} | {tr['sentences'] / tr['ours_s']:.1f} | "
-        f"**{tr['hf_s'] / tr['ours_s']:.2f}×** |",
+        "| way | sentences/s | / transformers' `generate` |",
+        "|---|---:|---:|",
+        *[f"| {WAYS[name]} | {n / seconds[name]:.1f} | "
+          + (f"**{seconds['transformers'] / seconds[name]:.2f}×** |" if name == "lmlab_side" else
+             f"{seconds['transformers'] / seconds[name]:.2f}× |") for name in WAYS],
+        "",
+        f"lmlab's two ways against transformers' same way: one batch after another "
+        f"{seconds['transformers'] / seconds['lmlab']:.2f}×, side by side "
+        f"{seconds['transformers_side'] / seconds['lmlab_side']:.2f}×.",
         "",
         "Reproduce: `python benchmarks/t5_speed.py --write` (`--model DIR` for a trained model)",
     ]
