@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,6 +130,7 @@ def test_token_batches_cap_rows_and_padded_tokens():
     assert [b.tolist() for b in batches] == [[0], [2, 3], [4, 5, 6, 1], [7]]
     for b in batches[1:]:
         assert len(b) * max(lengths[i] for i in b) <= 200
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
 
 
 def test_exact_search_equals_brute_force():

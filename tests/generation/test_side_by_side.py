@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lmlab
-from lmlab.generation.side_by_side import side_by_side
+from lmlab.generation.side_by_side import batches_at_once, side_by_side
 from lmlab.models import from_pretrained
 
 
@@ -64,3 +64,12 @@ def test_one_batch_or_another_device_runs_in_the_callers_thread():
     assert side_by_side(where, range(3), device="meta", workers=2) == [caller] * 3
     assert side_by_side(where, range(3), workers=1) == [caller] * 3
     assert caller not in side_by_side(where, range(3), workers=2)
+
+
+def test_one_batch_per_torch_thread_on_the_cpu_one_elsewhere():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert batches_at_once("cpu") == 3 and batches_at_once(torch.device("meta")) == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -26,6 +26,12 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+def batches_at_once(device: torch.device | str) -> int:
+    """How many batches `side_by_side` runs at once on `device` by default: one per torch thread
+    on the CPU, one on any other device (for a caller that reads its input as it goes)."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+
+
 def side_by_side(fn: Callable[[Item], Result], items: Iterable[Item], *,
                  device: torch.device | str = "cpu", workers: int | None = None) -> list[Result]:
     """[fn(item) for item in items], on `workers` threads (default: torch's thread count) of one
@@ -33,7 +39,7 @@ def side_by_side(fn: Callable[[Item], Result], items: Iterable[Item], *,
     (torch keeps it per thread); torch's thread count is restored afterwards, also on error."""
     items = list(items)
     threads = torch.get_num_threads()
-    workers = min(workers or threads, len(items))
+    workers = min(workers or batches_at_once(device), len(items))
     if torch.device(device).type != "cpu" or workers <= 1:
         return [fn(item) for item in items]
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()

@@ -36,7 +36,7 @@ from lmlab.data.pairs import ParallelData, read_pairs
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_write_text
 from lmlab.generation import generate
-from lmlab.generation.side_by_side import side_by_side
+from lmlab.generation.side_by_side import batches_at_once, side_by_side
 from lmlab.models.hf import from_pretrained, read_config
 from lmlab.models.t5 import T5Config, T5ForConditionalGeneration
 from lmlab.recipes import run_steps
@@ -423,8 +423,8 @@ def translate_lines(model, tokenizer: Tokenizer, languages: Languages, lines: It
     if batch_size < 1 or num_beams < 1:
         raise ConfigError("--batch-size and --num-beams must be at least 1")
     budget = max_new_tokens or languages.max_target_length
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    lines_at_once = batch_size * (torch.get_num_threads() if on_cpu and batch_size > 1 else 1)
+    device = next(model.parameters()).device
+    lines_at_once = batch_size * (batches_at_once(device) if batch_size > 1 else 1)
     batch: list[str] = []
 
     def flush() -> list[str]:
