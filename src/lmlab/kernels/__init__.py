@@ -18,7 +18,10 @@ The one rule. The speed layer applies when
      one process (not DDP/FSDP, not torch.compile'd), no active dropout or autocast, at least
      one sequence per thread.
 `FlatAdamW` (the optimizer over one flat parameter buffer) needs only 1 and a single process
-whose parameters are CPU tensors of one floating dtype.
+whose parameters are CPU tensors of one floating dtype. `NativeDropout` (swapped in for T5's
+`Dropout` modules by the training loop while a run lasts, unless it is torch.compile'd) needs 1
+and 2 and, per call, an fp32 CPU tensor; its masks are other random numbers than torch's, drawn
+from torch's generator all the same (seeded and resumed with it).
 
 Where the rule does not hold, nothing changes but speed: the module path is the reference
 every kernel is tested against (logits and gradients equal to ~1e-6, FlatAdamW bit-identical
@@ -27,6 +30,7 @@ to torch's fused AdamW).
     kernels.FusedGPTDecoding.for_model(model)  decoding: a cached forward in one C call
     kernels.FusedCausalLMLoss(model)            training: the summed causal-LM loss in C
     kernels.FlatAdamW                           the optimizer over one flat buffer
+    kernels.native_dropout(model)               training: dropout masks drawn in C
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ import torch
 
 from lmlab.kernels.build import cpu_isa, load, switched_off, unavailable_reason
 from lmlab.kernels.decoding import FusedGPTDecoding, GPTDecoder, linear
+from lmlab.kernels.dropout import NativeDropout, native_dropout
 from lmlab.kernels.flat_adamw import FlatAdamW
 from lmlab.kernels.training import FusedCausalLMLoss, training_available
 from lmlab.models.gpt import GPT
 
-__all__ = ["FlatAdamW", "FusedCausalLMLoss", "FusedGPTDecoding", "GPTDecoder", "available",
-           "cpu_isa", "decoding_adapter", "flat_optimizer_applies", "linear", "switched_off",
-           "training_available", "training_loss_adapter", "unavailable_reason"]
+__all__ = ["FlatAdamW", "FusedCausalLMLoss", "FusedGPTDecoding", "GPTDecoder", "NativeDropout",
+           "available", "cpu_isa", "decoding_adapter", "flat_optimizer_applies", "linear",
+           "native_dropout", "switched_off", "training_available", "training_loss_adapter",
+           "unavailable_reason"]
 
 
 def available() -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / "decode_f32.c", _HERE / "train_f32.c"]
+_SOURCES = [_HERE / "decode_f32.c", _HERE / "train_f32.c", _HERE / "dropout_f32.c"]
 _HEADERS = [_HERE / "simd.h", _HERE / "vec.h", _HERE / "gpt_layout.h"]
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-lm"]
 ISA_FLAGS = {
@@ -125,6 +125,13 @@ def _bind(library: ctypes.CDLL) -> dict:
                                         integer, integer, integer, pointer, pointer, real, flag,
                                         pointer, pointer, pointer, integer, pointer, pointer, flag]
     functions["gpt_decode"].restype = flag  # 0, or -1: out of memory
+    functions["dropout"] = library.lmlab_dropout_f32
+    functions["dropout"].argtypes = [pointer, pointer, pointer, integer, ctypes.c_uint64,
+                                     ctypes.c_uint32, real, flag]
+    functions["dropout"].restype = None
+    functions["dropout_backward"] = library.lmlab_dropout_backward_f32
+    functions["dropout_backward"].argtypes = [pointer, pointer, pointer, integer, real, flag]
+    functions["dropout_backward"].restype = None
     sgemm, threads_local = _torch_blas()
     if sgemm is not None:
         library.lmlab_set_blas(ctypes.c_void_p(sgemm), ctypes.c_void_p(threads_local))

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmlab.errors import CheckpointError, ConfigError, Interrupted, LmlabError
+from lmlab.kernels.dropout import native_dropout
 from lmlab.training import checkpoint as ckpt_io
 from lmlab.training.distributed import Distributed, rng_state, set_rng_state
 from lmlab.training.early_stopping import BestTracker, default_greater_is_better
@@ -481,8 +482,12 @@ class _Trainer:
         self.peak_flops = (matmul_peak_flops(str(self.device), self.amp_dtype or torch.float32)
                            if self.flops_per_step else 0.0)
         reset_peak_memory(self.device)  # the probe's 8192² matrices are not the run's memory
+        # The speed layer's dropout (T5's Dropout modules, for the run only): CPU masks drawn in
+        # C, a T5 step ~1.15x faster. Not under torch.compile, whose graph it would break.
         try:
-            return self._run(start_step)
+            with native_dropout(self.model, enabled=self.optim.cpu_kernels
+                                and not self.optim.compile):
+                return self._run(start_step)
         finally:
             self.stop.restore()
             if self.metrics_log is not None:
