@@ -9,9 +9,9 @@ Two measurements, each alternating lmlab and transformers calls in one process (
    tokens, -100 at padding, on both sides. lmlab's optimizer is the one its training loop builds
    (`lmlab.training.optim.build_optimizer`); transformers' model gets torch's fused AdamW, the
    same two groups (weight decay on matrices). Tokens/s counts the real source and target tokens.
-   Then, alternating in a pairing of their own, lmlab's model against a copy with torch's
-   `nn.Dropout` swapped back in for its own (`lmlab.models.layers.Dropout`, a cheaper CPU
-   mask): what that mask is worth.
+   lmlab's model runs with the dropout in C that its training loop swaps in
+   (`lmlab.kernels.native_dropout`). Then, alternating in a pairing of their own, lmlab's model
+   against a copy with torch's `nn.Dropout` in place of its own: what lmlab's masks are worth.
 2. Beam-5 translation of the Multi30k test sentences (1,000) in batches of 32 (file order),
    `lmlab.generate(model, source_ids=, source_mask=)` against `transformers`' `generate`, each
    two ways: one batch after another, all torch threads on each (what a loop over batches
@@ -52,6 +52,7 @@ from common import alternate, machine, median, update_section  # noqa: E402
 
 import lmlab  # noqa: E402
 from lmlab.generation.side_by_side import side_by_side  # noqa: E402
+from lmlab.kernels import native_dropout  # noqa: E402
 from lmlab.models.layers import Dropout  # noqa: E402
 from lmlab.models.t5 import T5Config, T5ForConditionalGeneration  # noqa: E402
 from lmlab.tokenizer import Tokenizer, unigram  # noqa: E402
@@ -150,13 +151,15 @@ def bench_training(tokenizer, pairs, variant: str, *, batch: int, rounds: int) -
         hf_opt.zero_grad(set_to_none=True)
 
     step_ours = lmlab_step(ours)
-    times = alternate({"transformers": step_hf, "lmlab": step_ours}, rounds=rounds, warmup=2)
-    hf_s, ours_s = median(times["transformers"]), median(times["lmlab"])
-    print(f"train {variant}: transformers {1000 * hf_s:.0f} ms, lmlab {1000 * ours_s:.0f} ms "
-          f"per step; ×{hf_s / ours_s:.2f}", flush=True)
-    # The dropout mask's worth, in a pairing of its own (the peer's pairing stays as it was)
-    times = alternate({"lmlab": step_ours, "lmlab, nn.Dropout": lmlab_step(torch_dropout)},
-                      rounds=rounds, warmup=1)
+    with native_dropout(ours) as swapped:  # as lmlab's training loop runs it
+        assert swapped, "the C dropout did not apply (kernels.unavailable_reason())"
+        times = alternate({"transformers": step_hf, "lmlab": step_ours}, rounds=rounds, warmup=2)
+        hf_s, ours_s = median(times["transformers"]), median(times["lmlab"])
+        print(f"train {variant}: transformers {1000 * hf_s:.0f} ms, lmlab {1000 * ours_s:.0f} ms "
+              f"per step; ×{hf_s / ours_s:.2f}", flush=True)
+        # The dropout mask's worth, in a pairing of its own (the peer's pairing stays as it was)
+        times = alternate({"lmlab": step_ours, "lmlab, nn.Dropout": lmlab_step(torch_dropout)},
+                          rounds=rounds, warmup=1)
     dropout_gain = median(times["lmlab, nn.Dropout"]) / median(times["lmlab"])
     print(f"train {variant}: lmlab's dropout ×{dropout_gain:.2f} against nn.Dropout", flush=True)
     return {"variant": variant, "tokens": tokens, "source_len": source.shape[1],
