@@ -12,7 +12,9 @@ import torch
 
 from conftest import (TINY_TRANSLATION, TRANSLATION_WORDS, run_cli, translation_rows,
                       write_splits)
+from lmlab import kernels
 from lmlab.errors import ConfigError
+from lmlab.kernels.dropout import NativeDropout
 from lmlab.models import from_pretrained
 from lmlab.models.t5 import T5Config, T5ForConditionalGeneration
 from lmlab.recipes import RECIPES, load_recipe_config
@@ -213,7 +215,17 @@ def test_resume_continues_exactly(translation_files, tokenizer, tmp_path, monkey
             "--target_lang", "de", "--epochs", "2", "--no-progress", *TINY_TRANSLATION,
             "--tokenizer", str(tmp_path / "vocabulary"), "--dropout_rate", "0.1",
             "--bleu_examples", "8", "--log_every", "1"]
+    # Where the speed layer builds, the run's dropout masks are drawn in C (the loop swaps
+    # kernels.NativeDropout in): the resume below is exact with them.
+    training_calls, native_forward = [], NativeDropout.forward
+
+    def counted(self, x):
+        training_calls.append(self.training)
+        return native_forward(self, x)
+
+    monkeypatch.setattr(NativeDropout, "forward", counted)
     assert main([*args, "--out", str(tmp_path / "reference")]) == 0
+    assert any(training_calls) == kernels.available()
     evaluate, calls = tr.TranslationTask.evaluate, []
 
     def crash_in_the_second_evaluation(self, model, **kwargs):  # after epoch 1's checkpoint

@@ -67,15 +67,14 @@ def native_dropout(model: nn.Module, *, enabled: bool = True) -> Iterator[int]:
     `NativeDropout`s of the same p; yields how many were swapped (0 when not `enabled`, the
     speed layer is off or cannot be built here). The originals are back on exit, so the model
     a run hands back is the one it was given."""
-    swapped: list[tuple[nn.Module, str, Dropout]] = []
-    if enabled and build.load() is not None:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is Dropout and child.p > 0:
-                    native = NativeDropout(child.p)
-                    native.train(child.training)
-                    setattr(parent, name, native)
-                    swapped.append((parent, name, child))
+    found = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children() if type(child) is Dropout and child.p > 0]
+    # The library is built (once per machine) only for a model that has something to swap.
+    swapped = found if found and enabled and build.load() is not None else []
+    for parent, name, child in swapped:
+        native = NativeDropout(child.p)
+        native.train(child.training)
+        setattr(parent, name, native)
     try:
         yield len(swapped)
     finally:

@@ -483,10 +483,11 @@ class _Trainer:
                            if self.flops_per_step else 0.0)
         reset_peak_memory(self.device)  # the probe's 8192² matrices are not the run's memory
         # The speed layer's dropout (T5's Dropout modules, for the run only): CPU masks drawn in
-        # C, a T5 step ~1.15x faster. Not under torch.compile, whose graph it would break.
+        # C, a T5 step ~1.15x faster. Not under torch.compile, whose graph it would break; on
+        # accelerators F.dropout is one fused kernel already.
         try:
             with native_dropout(self.model, enabled=self.optim.cpu_kernels
-                                and not self.optim.compile):
+                                and not self.optim.compile and self.device.type == "cpu"):
                 return self._run(start_step)
         finally:
             self.stop.restore()
