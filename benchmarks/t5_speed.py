@@ -52,7 +52,7 @@ from common import alternate, machine, median, update_section  # noqa: E402
 
 import lmlab  # noqa: E402
 from lmlab.generation.side_by_side import side_by_side  # noqa: E402
-from lmlab.kernels import native_dropout  # noqa: E402
+from lmlab.kernels import native_dropout, unavailable_reason  # noqa: E402
 from lmlab.models.layers import Dropout  # noqa: E402
 from lmlab.models.t5 import T5Config, T5ForConditionalGeneration  # noqa: E402
 from lmlab.tokenizer import Tokenizer, unigram  # noqa: E402
@@ -152,7 +152,7 @@ def bench_training(tokenizer, pairs, variant: str, *, batch: int, rounds: int) -
 
     step_ours = lmlab_step(ours)
     with native_dropout(ours) as swapped:  # as lmlab's training loop runs it
-        assert swapped, "the C dropout did not apply (kernels.unavailable_reason())"
+        assert swapped, f"the C dropout did not apply: {unavailable_reason()}"
         times = alternate({"transformers": step_hf, "lmlab": step_ours}, rounds=rounds, warmup=2)
         hf_s, ours_s = median(times["transformers"]), median(times["lmlab"])
         print(f"train {variant}: transformers {1000 * hf_s:.0f} ms, lmlab {1000 * ours_s:.0f} ms "

@@ -19,7 +19,8 @@ The one rule. The speed layer applies when
      one sequence per thread.
 `FlatAdamW` (the optimizer over one flat parameter buffer) needs only 1 and a single process
 whose parameters are CPU tensors of one floating dtype. `NativeDropout` (swapped in for T5's
-`Dropout` modules by the training loop while a run lasts, unless it is torch.compile'd) needs 1
+`Dropout` modules by the training loop while a run on the CPU lasts, unless it is
+torch.compile'd) needs 1
 and 2 and, per call, an fp32 CPU tensor; its masks are other random numbers than torch's, drawn
 from torch's generator all the same (seeded and resumed with it).
 
